@@ -1,0 +1,1 @@
+"""Flower side of the fedadapt overhead benchmark."""

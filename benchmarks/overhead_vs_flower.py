@@ -1,0 +1,620 @@
+#!/usr/bin/env python3
+"""Side-by-side framework-overhead benchmark: fedadapt vs Flower 1.42.
+
+Both sides run the same trivial workload, so what is measured is framework
+overhead (startup, orchestration, messaging, teardown), not training:
+
+    MLP 32->64->4 (~2.4k params), 10 clients all sampled every round, 5 rounds,
+    64 synthetic samples per client, 1 SGD step per round, no evaluation.
+
+For each side the whole command is timed (wall clock, cold process start to
+exit) and its memory is sampled every 0.1 s (see benchmarks/measure.py): the sum
+of RSS and PSS over every process of the run.
+
+* fedadapt: ``/work/main/.venv/bin/fedadapt simulate benchmarks/trivial.toml --out <tmp>``
+  (its process tree).
+* Flower:   ``flwr run benchmarks/flower_app local --stream --federation-config
+  "num-supernodes=10"`` inside ``benchmarks/.venv-flower`` (created on first use),
+  counting the ``flwr`` CLI plus the detached local SuperLink, its SuperExec,
+  ``flwr-simulation`` and every Ray process. Each repeat gets a fresh FLWR_HOME
+  and RAY_TMPDIR and a cold local SuperLink, which is killed by PID afterwards.
+
+Usage (from the repo root, with the project venv, which has psutil):
+
+    .venv/bin/python benchmarks/overhead_vs_flower.py --repeats 3 [--skip-fedadapt] [--skip-flower]
+
+Prints a markdown table and writes the raw runs to
+benchmarks/results/overhead_vs_flower.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+FLOWER_APP = BENCH_DIR / "flower_app"
+FLOWER_VENV = BENCH_DIR / ".venv-flower"
+FLOWER_READY = FLOWER_VENV / ".bench-ready"
+RESULTS_JSON = BENCH_DIR / "results" / "overhead_vs_flower.json"
+FEDADAPT_BIN = REPO_ROOT / ".venv" / "bin" / "fedadapt"
+FEDADAPT_PY = REPO_ROOT / ".venv" / "bin" / "python"
+FEDADAPT_CONFIG = BENCH_DIR / "trivial.toml"
+
+TORCH_PIN = "torch==2.13.0"
+FLWR_PIN = "flwr[simulation]==1.42.0"
+LOCAL_SUPERLINK_PORT = 39091
+NUM_CLIENTS = 10
+NUM_ROUNDS = 5
+TAG_KEY = "FEDADAPT_BENCH_TAG"  # put in every measured command's env to find all its processes
+
+WORKLOAD = {
+    "model": "MLP 32->64->4",
+    "clients": NUM_CLIENTS,
+    "clients_per_round": NUM_CLIENTS,
+    "rounds": NUM_ROUNDS,
+    "samples_per_client": 64,
+    "local_sgd_steps": 1,
+    "evaluation": False,
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------ psutil bootstrap
+
+try:
+    import psutil  # noqa: F401
+except ImportError:  # pragma: no cover - only when run with a python lacking psutil
+    _fpy = FLOWER_VENV / "bin" / "python"
+    if os.environ.get("_OVERHEAD_BENCH_REEXEC") or not FLOWER_READY.exists():
+        sys.exit("psutil is missing: run this with the project venv, e.g. "
+                 ".venv/bin/python benchmarks/overhead_vs_flower.py ...")
+    log(f"[setup] psutil missing in {sys.executable}; re-running under {_fpy}")
+    os.environ["_OVERHEAD_BENCH_REEXEC"] = "1"
+    os.execv(str(_fpy), [str(_fpy), *sys.argv])
+
+import psutil  # noqa: E402
+
+sys.path.insert(0, str(BENCH_DIR))
+from measure import measure, summarize  # noqa: E402
+
+
+# --------------------------------------------------------------- flower venv
+
+def _venv_bin(name: str) -> Path:
+    return FLOWER_VENV / "bin" / name
+
+
+def ensure_flower_venv() -> Path:
+    """Create benchmarks/.venv-flower on first use; return its python."""
+    py = _venv_bin("python")
+    if FLOWER_READY.exists() and py.exists():
+        return py
+    log(f"[setup] creating Flower virtualenv at {FLOWER_VENV} (first use; ~1-3 min)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(FLOWER_VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
+    # torch FIRST and pinned: resolves to the local CPU wheel (pip find-links); a bare
+    # `torch` (or letting another package pull it in) would fetch the CUDA build.
+    log(f"[setup] pip install {TORCH_PIN}")
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    out = subprocess.run([str(py), "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    log(f"[setup] torch in Flower venv: {out}")
+    if not out.endswith("None"):
+        log("[setup] WARNING: the installed torch is a CUDA build (expected +cpu)")
+    log(f"[setup] pip install {FLWR_PIN} psutil")
+    subprocess.run([*pip, FLWR_PIN, "psutil", TORCH_PIN], check=True)  # keep torch pinned
+    FLOWER_READY.write_text("ok\n")
+    return py
+
+
+# ----------------------------------------------------------- process control
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _tree(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return [p]
+
+
+def local_superlinks() -> list[psutil.Process]:
+    """Processes serving the local simulation SuperLink (port 39091)."""
+    found: dict[int, psutil.Process] = {}
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if (c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == LOCAL_SUPERLINK_PORT
+                    and c.pid):
+                try:
+                    found[c.pid] = psutil.Process(c.pid)
+                except psutil.Error:
+                    pass
+    except psutil.Error:
+        pass
+    for p in psutil.process_iter(["cmdline"]):
+        cl = p.info.get("cmdline") or []
+        if any(a.endswith("flower-superlink") for a in cl[:2]) and str(LOCAL_SUPERLINK_PORT) in cl:
+            found[p.pid] = p
+    return list(found.values())
+
+
+def tagged_processes(tag_value: str | None = None) -> list[psutil.Process]:
+    """Processes started by this benchmark (env has TAG_KEY[=tag_value])."""
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    out = []
+    for p in psutil.process_iter():
+        if p.pid in me:
+            continue
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if TAG_KEY in env and (tag_value is None or env[TAG_KEY] == tag_value):
+            out.append(p)
+    return out
+
+
+def kill_processes(procs: list[psutil.Process], grace: float = 5.0) -> list[str]:
+    """SIGTERM, wait up to ``grace`` s, then SIGKILL; includes descendants. Returns descriptions."""
+    allp: dict[int, psutil.Process] = {}
+    for p in procs:
+        for q in _tree(p):
+            if q.pid != os.getpid():
+                allp.setdefault(q.pid, q)
+    desc = []
+    for q in allp.values():
+        cl = " ".join(_cmdline(q))[:120]
+        desc.append(f"{q.pid}: {cl}")
+        try:
+            q.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(allp.values()), timeout=grace)
+    for q in alive:  # e.g. ray::DashboardAgent ignores SIGTERM (Flower notes P4)
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return desc
+
+
+# ------------------------------------------------------------------- flower
+
+def flower_env(work: Path, tag: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(k, None)
+    env.update({
+        "PATH": f"{FLOWER_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        "VIRTUAL_ENV": str(FLOWER_VENV),
+        "FLWR_HOME": str(work / "flwr_home"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_TMPDIR": str(work / "ray"),
+        "NO_COLOR": "1",
+        "TERM": "dumb",
+        TAG_KEY: tag,
+    })
+    return env
+
+
+def _flower_match(cmdline: list[str]) -> bool:
+    head = cmdline[0] if cmdline else ""
+    if head.startswith("ray::"):
+        return True
+    venv = str(FLOWER_VENV)
+    return any(venv in a for a in cmdline[:3])
+
+
+def _flwr_ls(env: dict[str, str]) -> dict:
+    r = subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "raw_stdout": r.stdout[-2000:], "raw_stderr": r.stderr[-2000:]}
+
+
+SAMPLE_INTERVAL = 0.1  # seconds; --interval
+PSS_INTERVAL = 0.5     # seconds; --pss-interval
+
+
+def run_flower_once(work: Path, timeout: float) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    env = flower_env(work, tag)
+    model_path = work / "out" / "final_model.pt"
+    cmd = [str(_venv_bin("flwr")), "run", str(FLOWER_APP), "local", "--stream",
+           "--federation-config", f"num-supernodes={NUM_CLIENTS}",
+           "-c", f"num-server-rounds={NUM_ROUNDS} num-clients={NUM_CLIENTS} out-path='{model_path}'"]
+
+    leftovers = kill_processes(local_superlinks())
+    if leftovers:
+        log(f"[flower] killed leftover local SuperLink processes: {leftovers}")
+
+    log_path = work / "flwr_run.log"
+    with open(log_path, "wb") as lf:
+        res = measure(cmd, env=env, match=_flower_match, match_env=(TAG_KEY, tag),
+                      cwd=str(REPO_ROOT), timeout=timeout, stdout=lf, stderr=subprocess.STDOUT,
+                      interval=SAMPLE_INTERVAL, pss_interval=PSS_INTERVAL)
+    res["cmd"] = cmd
+
+    # ---- verify (P5: `flwr run --stream` exits 0 even when the run failed)
+    problems = []
+    ls = _flwr_ls(env)
+    runs = ls.get("runs") or []
+    statuses = [r.get("status") for r in runs]
+    res["flwr_ls_status"] = statuses
+    if runs:
+        res["flwr_ls_elapsed_s"] = runs[-1].get("elapsed")
+    if res["rc"] != 0:
+        problems.append(f"flwr run exited {res['rc']}")
+    if statuses != ["finished:completed"]:
+        problems.append(f"flwr ls: statuses {statuses!r} (expected one finished:completed)")
+    sidecar = Path(str(model_path) + ".json")
+    if not model_path.is_file() or model_path.stat().st_size == 0:
+        problems.append(f"model file {model_path} missing")
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+        res["serverapp_main_s"] = meta.get("serverapp_main_s")
+        rpr = meta.get("replies_per_round", {})
+        if [rpr.get(str(i)) for i in range(1, NUM_ROUNDS + 1)] != [NUM_CLIENTS] * NUM_ROUNDS:
+            problems.append(f"replies per round {rpr} (expected {NUM_CLIENTS} x {NUM_ROUNDS})")
+    else:
+        problems.append("model sidecar json missing")
+
+    # ---- clean up: the detached local SuperLink (+ SuperExec), then anything else tagged
+    killed = kill_processes(local_superlinks())
+    time.sleep(0.5)
+    stray = kill_processes(tagged_processes(tag))
+    res["killed_after"] = killed
+    if stray:
+        res["stray_killed"] = stray
+        log(f"[flower] killed stray processes after the run: {stray}")
+    remaining = [p.pid for p in tagged_processes(tag)]
+    if remaining:
+        problems.append(f"processes still alive after cleanup: {remaining}")
+
+    res["ok"] = not problems
+    res["problems"] = problems
+    if problems:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        log(f"[flower] run FAILED: {problems}\n--- tail of {log_path} ---\n{tail}")
+    return res
+
+
+# ----------------------------------------------------------------- fedadapt
+
+def fedadapt_missing() -> str | None:
+    missing = [str(p) for p in (FEDADAPT_BIN, FEDADAPT_CONFIG) if not p.exists()]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def run_fedadapt_once(work: Path, timeout: float) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "out"
+    tag = uuid.uuid4().hex
+    env = dict(os.environ)
+    env[TAG_KEY] = tag
+    cmd = [str(FEDADAPT_BIN), "simulate", str(FEDADAPT_CONFIG.relative_to(REPO_ROOT)), "--out", str(out_dir)]
+    log_path = work / "fedadapt.log"
+    with open(log_path, "wb") as lf:
+        res = measure(cmd, env=env, match=None, match_env=(TAG_KEY, tag), cwd=str(REPO_ROOT),
+                      timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, interval=SAMPLE_INTERVAL,
+                      pss_interval=PSS_INTERVAL)
+    res["cmd"] = cmd
+    problems = []
+    if res["rc"] != 0:
+        problems.append(f"fedadapt exited {res['rc']}")
+    res["out_files"] = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()) \
+        if out_dir.exists() else []
+    if not res["out_files"]:
+        problems.append(f"no output files under {out_dir}")
+    # anything it left running (detached workers etc.) is a bug worth reporting
+    stray = kill_processes(tagged_processes(tag))
+    if stray:
+        res["stray_killed"] = stray
+        problems.append(f"left processes running after exit: {stray}")
+    res["ok"] = not problems
+    res["problems"] = problems
+    if problems:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        log(f"[fedadapt] run FAILED: {problems}\n--- tail of {log_path} ---\n{tail}")
+    return res
+
+
+# ------------------------------------------------------------------ machine
+
+def _py_facts(python: Path, mods: list[str]) -> dict:
+    code = ("import json, sys, importlib\n"
+            "d = {'python': sys.version.split()[0]}\n"
+            f"for m in {mods!r}:\n"
+            "    try:\n"
+            "        d[m] = importlib.import_module(m).__version__\n"
+            "    except Exception as e:\n"
+            "        d[m] = None\n"
+            "print(json.dumps(d))\n")
+    try:
+        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        return json.loads(r.stdout)
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)}
+
+
+def machine_facts(flower: bool, fedadapt: bool) -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts = {
+        "hostname": socket.gethostname(),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "runner_python": sys.version.split()[0],
+        "psutil": psutil.__version__,
+    }
+    if fedadapt and FEDADAPT_PY.exists():
+        facts["fedadapt_venv"] = _py_facts(FEDADAPT_PY, ["fedadapt", "torch"])
+    if flower:
+        facts["flower_venv"] = _py_facts(_venv_bin("python"), ["flwr", "torch", "ray"])
+    return facts
+
+
+# ------------------------------------------------------------------- report
+
+def _fmt(v, nd=2):
+    return "n/a" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _ratio(a, b):
+    return None if a in (None, 0) or b in (None, 0) else a / b
+
+
+def render_table(sides: dict) -> str:
+    rows = ["| side | ok runs | wall median (s) | wall min (s) | wall max (s) | peak RSS median (MB) "
+            "| peak PSS median (MB) | CPU median (s) | other load (cores) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in sides.items():
+        if s.get("skipped"):
+            rows.append(f"| {name} | skipped: {s['skipped']} | | | | | | | |")
+            continue
+        sm = s["summary"]
+        rows.append(
+            f"| {name} | {sm['wall_s']['n']}/{len(s['runs'])} | {_fmt(sm['wall_s']['median'])} | "
+            f"{_fmt(sm['wall_s']['min'])} | {_fmt(sm['wall_s']['max'])} | "
+            f"{_fmt(sm['peak_rss_mb']['median'], 0)} | {_fmt(sm['peak_pss_mb']['median'], 0)} | "
+            f"{_fmt(sm['cpu_s']['median'], 1)} | {_fmt(sm['background_cores']['max'])} (max) |")
+    fa, fl = sides.get("fedadapt", {}), sides.get("Flower 1.42", {})
+    if "summary" in fa and "summary" in fl:
+        r = {k: _ratio(fa["summary"][k]["median"], fl["summary"][k]["median"])
+             for k in ("wall_s", "peak_rss_mb", "peak_pss_mb")}
+        rmin = _ratio(fa["summary"]["wall_s"]["min"], fl["summary"]["wall_s"]["min"])
+        rmax = _ratio(fa["summary"]["wall_s"]["max"], fl["summary"]["wall_s"]["max"])
+        rcpu = _ratio(fa["summary"]["cpu_s"]["median"], fl["summary"]["cpu_s"]["median"])
+        rows.append(f"| **fedadapt / Flower** | | **{_fmt(r['wall_s'])}x** | {_fmt(rmin)}x | {_fmt(rmax)}x | "
+                    f"**{_fmt(r['peak_rss_mb'])}x** | **{_fmt(r['peak_pss_mb'])}x** | {_fmt(rcpu)}x | |")
+    return "\n".join(rows)
+
+
+def ratios(sides: dict) -> dict | None:
+    fa, fl = sides.get("fedadapt", {}), sides.get("Flower 1.42", {})
+    if "summary" not in fa or "summary" not in fl:
+        return None
+    return {f"{k}_median": _ratio(fa["summary"][k]["median"], fl["summary"][k]["median"])
+            for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s")}
+
+
+def write_json(data: dict) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS_JSON.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, RESULTS_JSON)
+
+
+# --------------------------------------------------------------------- main
+
+IDLE_WAIT_S = 120.0    # --idle-wait
+IDLE_THRESHOLD = 0.25  # --idle-threshold (busy cores)
+
+
+def busy_cores(period: float = 1.0) -> float:
+    """How many cores the whole machine kept busy over ``period`` seconds."""
+    a = psutil.cpu_times()
+    time.sleep(period)
+    b = psutil.cpu_times()
+    idle = (b.idle + getattr(b, "iowait", 0)) - (a.idle + getattr(a, "iowait", 0))
+    total = sum(b) - sum(a)
+    ncpu = psutil.cpu_count() or 1
+    return round(ncpu * (1 - idle / total), 2) if total > 0 else 0.0
+
+
+def wait_for_quiet(name: str) -> dict:
+    """Wait (up to IDLE_WAIT_S) until the machine is idle, so other work does not inflate wall."""
+    t0 = time.monotonic()
+    busy = busy_cores()
+    warned = False
+    while busy > IDLE_THRESHOLD and time.monotonic() - t0 < IDLE_WAIT_S:
+        if not warned:
+            log(f"[{name}] machine busy ({busy} cores used by other processes); "
+                f"waiting up to {IDLE_WAIT_S:.0f}s for it to go quiet ...")
+            warned = True
+        time.sleep(2)
+        busy = busy_cores()
+    if busy > IDLE_THRESHOLD:
+        log(f"[{name}] WARNING: still {busy} cores busy; measuring anyway (wall will be inflated)")
+    return {"pre_run_busy_cores": busy, "waited_for_quiet_s": round(time.monotonic() - t0, 1),
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+def run_side(name: str, once, repeats: int, warmup: int, base: Path, timeout: float) -> dict:
+    runs, warm = [], []
+    for i in range(warmup + repeats):
+        is_warm = i < warmup
+        label = f"warm-up {i + 1}/{warmup}" if is_warm else f"run {i - warmup + 1}/{repeats}"
+        quiet = wait_for_quiet(name)
+        log(f"[{name}] {label} ...")
+        r = once(base / f"{name}-{i}", timeout)
+        r.update(quiet)
+        r["warmup"] = is_warm
+        log(f"[{name}] {label}: ok={r['ok']} wall={r['wall_s']:.2f}s "
+            f"peakRSS={r['peak_rss_mb']:.0f}MB peakPSS={_fmt(r['peak_pss_mb'], 0)}MB "
+            f"cpu={r['cpu_s']}s background={r['background_cores']} cores")
+        if r["background_cores"] and r["background_cores"] > IDLE_THRESHOLD:
+            log(f"[{name}] WARNING: other processes used {r['background_cores']} cores during "
+                "this run; its wall time is not trustworthy")
+        (warm if is_warm else runs).append(r)
+    ok_runs = [r for r in runs if r["ok"]]
+    return {"runs": runs, "warmup_runs": warm, "cmd": runs[0]["cmd"] if runs else None,
+            "summary": summarize(ok_runs, ("wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s",
+                                           "background_cores"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global RESULTS_JSON, SAMPLE_INTERVAL, PSS_INTERVAL, IDLE_WAIT_S, IDLE_THRESHOLD
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="unmeasured runs per side first, to warm the page cache (default 1)")
+    ap.add_argument("--skip-fedadapt", action="store_true")
+    ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600, help="per-run timeout in seconds")
+    ap.add_argument("--interval", type=float, default=0.1, help="RSS sampling period (s)")
+    ap.add_argument("--pss-interval", type=float, default=0.5,
+                    help="PSS sampling period (s; PSS is costly to read, see measure.py)")
+    ap.add_argument("--idle-wait", type=float, default=120,
+                    help="before each run wait up to this many seconds for the machine to be idle")
+    ap.add_argument("--idle-threshold", type=float, default=0.25,
+                    help="'idle' = fewer than this many cores busy (default 0.25)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep logs/FLWR_HOME/outputs")
+    ap.add_argument("--json", type=Path, default=None, help=f"output JSON (default {RESULTS_JSON})")
+    args = ap.parse_args(argv)
+    SAMPLE_INTERVAL, PSS_INTERVAL = args.interval, args.pss_interval
+    IDLE_WAIT_S, IDLE_THRESHOLD = args.idle_wait, args.idle_threshold
+    if args.json:
+        RESULTS_JSON = args.json.resolve()
+
+    exact_cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sides: dict[str, dict] = {}
+    fedadapt_skip = "--skip-fedadapt" if args.skip_fedadapt else fedadapt_missing()
+    if fedadapt_skip and not args.skip_fedadapt:
+        log(f"[fedadapt] SKIPPED: {fedadapt_skip} (the fedadapt CLI or benchmarks/trivial.toml "
+            "is not there yet)")
+
+    if not args.skip_flower:
+        ensure_flower_venv()
+    work = Path(tempfile.mkdtemp(prefix="ovf-"))  # short: Ray's socket paths live under RAY_TMPDIR
+    log(f"[bench] work dir {work}")
+    try:
+        if fedadapt_skip:
+            sides["fedadapt"] = {"skipped": fedadapt_skip}
+        else:
+            sides["fedadapt"] = run_side("fedadapt", run_fedadapt_once, args.repeats, args.warmup,
+                                         work, args.timeout)
+        if args.skip_flower:
+            sides["Flower 1.42"] = {"skipped": "--skip-flower"}
+        else:
+            sides["Flower 1.42"] = run_side("flower", run_flower_once, args.repeats, args.warmup,
+                                            work, args.timeout)
+    finally:
+        # belt and braces: nothing this benchmark started may outlive it
+        stray = kill_processes(tagged_processes())
+        if stray:
+            log(f"[bench] killed stray processes at exit: {stray}")
+        if args.keep_workdir:
+            log(f"[bench] kept work dir {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    facts = machine_facts(flower=not args.skip_flower, fedadapt=not fedadapt_skip)
+    table = render_table(sides)
+    data = {
+        "benchmark": "overhead_vs_flower",
+        "started_utc": started,
+        "command": exact_cmd,
+        "workload": WORKLOAD,
+        "method": ("wall = cold process start to exit of the command; peak RSS/PSS = max over "
+                   "samples (RSS every sample_interval_s, PSS every pss_interval_s and at new "
+                   "RSS peaks) of the sum over all processes of the run (fedadapt: its process "
+                   "tree and anything carrying its env tag; Flower: flwr CLI + detached local "
+                   "SuperLink/SuperExec + flwr-simulation + all Ray processes). cpu_s = CPU "
+                   "time of those processes; background_cores = CPU used by every other "
+                   "process / wall (should be ~0). Fresh FLWR_HOME, RAY_TMPDIR and a cold local "
+                   "SuperLink per Flower run. Summary over successful measured runs."),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "sample_interval_s": args.interval,
+        "pss_interval_s": args.pss_interval,
+        "machine": facts,
+        "sides": sides,
+        "ratios_fedadapt_over_flower": ratios(sides),
+    }
+    write_json(data)
+
+    fv, av = facts.get("flower_venv", {}), facts.get("fedadapt_venv", {})
+    print(f"## fedadapt vs Flower: framework overhead ({NUM_CLIENTS} clients, {NUM_ROUNDS} rounds, "
+          "trivial MLP)\n")
+    print(f"Command: `{exact_cmd}`  ")
+    print(f"Machine: nproc={facts['nproc']}, {facts['cpu_model'] or 'cpu ?'}, "
+          f"{facts['mem_total_gb']} GB RAM, Linux {facts['kernel']}  ")
+    if av:
+        print(f"fedadapt venv: python {av.get('python')}, torch {av.get('torch')}, "
+              f"fedadapt {av.get('fedadapt')}  ")
+    if fv:
+        print(f"Flower venv: python {fv.get('python')}, torch {fv.get('torch')}, "
+              f"flwr {fv.get('flwr')}, ray {fv.get('ray')}  ")
+    print(f"Repeats: {args.repeats} measured (+{args.warmup} warm-up) per side; "
+          f"RSS sampled every {args.interval} s, PSS every {args.pss_interval} s "
+          "(and at new RSS peaks), summed over all processes of the run\n")
+    for name, s in sides.items():
+        if s.get("cmd"):
+            print(f"- {name}: `{' '.join(shlex.quote(a) for a in s['cmd'])}`")
+    print()
+    print(table)
+    print(f"\nRaw runs: {RESULTS_JSON}")
+    noisy = [r for s in sides.values() for r in s.get("runs", [])
+             if (r.get("background_cores") or 0) > IDLE_THRESHOLD]
+    if noisy:
+        print(f"\nWARNING: during {len(noisy)} run(s) other processes kept more than "
+              f"{IDLE_THRESHOLD} cores busy ('other load' column): wall times are inflated. "
+              "Re-run on a quiet machine.")
+    failed = [r for s in sides.values() for r in s.get("runs", []) if not r["ok"]]
+    if failed:
+        print(f"\nWARNING: {len(failed)} run(s) failed; see 'problems' in the JSON.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The `fedadapt` command. Errors a user can cause end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fedadapt.core.errors import FedadaptError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedadapt", description="Federated fine-tuning of adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a multi-client simulation on this machine")
+    sim.add_argument("config", help="scenario TOML file (see simulations/)")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set rounds=2 --set train.lr=0.05")
+    sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/)")
+    sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+
+    data = sub.add_parser("data", help="fetch datasets and inspect how a scenario partitions them")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("fetch", help="download the Shakespeare corpus into the cache (once)")
+    info = data_sub.add_parser("info", help="dataset and per-client partition statistics of a scenario")
+    info.add_argument("config")
+    info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    report = sub.add_parser("report", help="plot a run's metrics.jsonl to curves.png")
+    report.add_argument("run_dir", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except FedadaptError as exc:
+        print(f"fedadapt: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedadapt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from fedadapt.core.config import load_config
+
+    if args.command == "simulate":
+        cfg = load_config(args.config, args.overrides)
+        _quiet_libraries()
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from fedadapt.simulation.runner import default_out_dir, simulate
+
+        simulate(cfg, args.out or default_out_dir(cfg))
+        return 0
+    if args.command == "data":
+        _quiet_libraries()
+        if args.data_command == "fetch":
+            from fedadapt.data.shakespeare import load_shakespeare_genre
+
+            task = load_shakespeare_genre()
+            print(f"shakespeare-genre: {len(task.train)} train, {len(task.test)} test, "
+                  f"{len(task.test_unseen or [])} unseen-role examples")
+            return 0
+        from fedadapt.simulation.info import print_info
+
+        print_info(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "report":
+        from fedadapt.simulation.report import plot_run
+
+        print(plot_run(args.run_dir))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _quiet_libraries() -> None:
+    """Offline by design: no hub calls, no telemetry, no progress bars from libraries we drive."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls a transformers API that transformers itself marks deprecated: not the user's concern
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Run configuration: a TOML file -> validated dataclasses, with `--set key=value` overrides.
+
+Unknown keys are errors that name the key (and the closest valid one), because a typo'd key that is
+silently ignored runs the wrong experiment. Strategy-specific options live under `[strategy]` and
+are validated by the chosen strategy with the same `from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2), "tiny-llama", "mlp", or a HF model directory
+    max_length: int = 64  # tokens per text example
+    hidden: list[int] = field(default_factory=lambda: [64])  # hidden sizes of the "mlp" model
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lora"  # "lora": LoRA on target_modules + task head; "full": every parameter
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare-genre"  # shakespeare-genre | digits | mnist1d | synthetic | path to .jsonl/.csv
+    partition: str = "natural"  # natural | iid | dirichlet
+    num_clients: int = 0  # 0: one client per natural group (natural) — required for iid/dirichlet
+    alpha: float = 0.5  # Dirichlet concentration
+    min_examples: int = 1  # smallest client the partitioner may produce
+    test_fraction: float = 0.2
+    snippet_lines: int = 4  # shakespeare-genre: lines per example
+    min_lines: int = 100  # shakespeare-genre: smallest speaking role kept
+    num_examples: int = 640  # synthetic: total examples
+    text_field: str = "text"  # user files
+    label_field: str = "label"
+    group_field: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    lr_final: float = -1.0  # < 0: constant lr; else cosine-decayed to this over the rounds
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    local_steps: int = 1
+    local_epochs: int = 0  # > 0 replaces local_steps by whole passes over the client's data
+    batch_size: int = 32
+    max_grad_norm: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate the global model every N rounds (and always after the last)
+    max_examples: int = 256  # fixed seeded subset for per-round evaluation; the final one uses all
+    batch_size: int = 128
+    final_max_examples: int = 0  # cap per held-out set for the final evaluation (seeded subset); 0: all
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 10
+    clients_per_round: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (or start from defaults if None), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    if isinstance(raw.get("strategy"), dict):
+        raw["strategy"].setdefault("name", "fedavg")
+    cfg = from_dict(RunConfig, raw)
+    check_values(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b=value`: value parsed as a TOML literal (so 3, 0.1, true, ["q","v"]), else a plain string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by their dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name + ".")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {name!r} must be a list, got {value!r}")
+        return [_coerce(item_tp, v, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {name}")  # the schema avoids unions
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key {name!r} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Range checks that types alone do not catch."""
+    positive = {
+        "rounds": cfg.rounds,
+        "clients_per_round": cfg.clients_per_round,
+        "model.max_length": cfg.model.max_length,
+        "train.batch_size": cfg.train.batch_size,
+        "eval.every": cfg.eval.every,
+        "eval.max_examples": cfg.eval.max_examples,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    if cfg.train.local_steps <= 0 and cfg.train.local_epochs <= 0:
+        raise ConfigError("one of 'train.local_steps' or 'train.local_epochs' must be positive")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+    choices = {
+        "adapter.kind": (cfg.adapter.kind, ("lora", "full")),
+        "data.partition": (cfg.data.partition, ("natural", "iid", "dirichlet")),
+        "train.optimizer": (cfg.train.optimizer, ("sgd", "adam", "adamw")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
+    if cfg.adapter.kind == "lora" and cfg.adapter.rank <= 0:
+        raise ConfigError(f"config key 'adapter.rank' must be positive, got {cfg.adapter.rank}")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
+    if not isinstance(cfg.strategy.get("name"), str):
+        raise ConfigError("config key 'strategy.name' must be given as a string")

@@ -1,0 +1,138 @@
+"""The round engine: configure -> send -> collect -> validate -> aggregate -> evaluate -> record.
+
+It knows nothing of gRPC or of virtual clients: it talks to a `Transport`, which moves encoded
+tasks and results. Every result is checked (asked client, current round, sane example count, payload
+contract) before it can touch the global state; rejected ones are recorded with their reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fedadapt.core import codec
+from fedadapt.core.errors import PayloadError
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, ServerStrategy
+
+MAX_EXAMPLES = 10**9  # a client reporting more is lying or broken; it would dominate the weights
+
+
+@dataclass
+class TaskMessage:
+    client_id: str
+    round: int
+    kind: str
+    config: dict[str, Any]
+    payload: bytes
+
+
+@dataclass
+class ResultMessage:
+    client_id: str
+    round: int
+    num_examples: int
+    metrics: dict[str, Any]
+    payload: bytes
+
+
+class Transport(Protocol):
+    def clients(self) -> list[ClientInfo]:
+        """Clients available for the next round."""
+
+    def run(self, tasks: list[TaskMessage], *, timeout: float | None) -> list[ResultMessage]:
+        """Deliver tasks and return the results that arrived before `timeout` seconds."""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    loss: float | None
+    accuracy: float | None
+    eval_loss: float | None
+    bytes_up: int
+    bytes_down: int
+    clients: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None  # why the global state was left unchanged, if it was
+    seconds: float = 0.0
+    strategy: dict[str, float] = field(default_factory=dict)
+
+
+class RoundEngine:
+    def __init__(self, strategy: ServerStrategy, transport: Transport, spec: ModelSpec, *,
+                 min_results: int = 1, round_timeout: float | None = None,
+                 max_payload_bytes: int = codec.DEFAULT_MAX_BYTES,
+                 evaluate: Callable[[GlobalState], dict[str, float]] | None = None, eval_every: int = 1):
+        self.strategy = strategy
+        self.transport = transport
+        self.state = strategy.init_state(spec)
+        self.min_results = min_results
+        self.round_timeout = round_timeout
+        self.max_payload_bytes = max_payload_bytes
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+
+    def run(self, rounds: int, on_round: Callable[[RoundRecord], None] = lambda r: None) -> GlobalState:
+        for rnd in range(self.state.round + 1, rounds + 1):
+            record = self.run_round(rnd, last=rnd == rounds)
+            on_round(record)
+        return self.state
+
+    def run_round(self, rnd: int, *, last: bool = False) -> RoundRecord:
+        start = time.perf_counter()
+        tasks = self.strategy.configure(rnd, self.transport.clients(), self.state)
+        messages, encoded = [], {}
+        for cid, task in tasks.items():
+            key = id(task.tensors)  # a broadcast dict is encoded once, whatever the number of clients
+            if key not in encoded:
+                encoded[key] = codec.encode(task.tensors)
+            messages.append(TaskMessage(cid, rnd, task.kind, task.config, encoded[key]))
+        bytes_down = sum(len(m.payload) for m in messages)
+
+        replies = self.transport.run(messages, timeout=self.round_timeout)
+        bytes_up = sum(len(r.payload) for r in replies)
+        contract = self.strategy.upload_contract(self.state)
+        accepted: list[ClientResult] = []
+        rejected: dict[str, str] = {}
+        for reply in replies:
+            try:
+                accepted.append(self._accept(reply, rnd, tasks.keys(), contract, {r.client_id for r in accepted}))
+            except PayloadError as exc:
+                rejected[reply.client_id] = str(exc)
+
+        record = RoundRecord(rnd, None, None, None, bytes_up, bytes_down, sorted(r.client_id for r in accepted),
+                             rejected)
+        if len(accepted) < self.min_results:
+            record.skipped = f"{len(accepted)} valid results, fewer than min_results={self.min_results}"
+        else:
+            accepted.sort(key=lambda r: r.client_id)  # aggregation order must not depend on arrival order
+            outcome = self.strategy.aggregate(rnd, accepted, self.state)
+            self.state = outcome.state
+            record.strategy = outcome.metrics
+            losses = [(r.metrics["loss"], r.num_examples) for r in accepted if "loss" in r.metrics]
+            if losses:
+                record.loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        self.state.round = rnd
+        if self.evaluate is not None and (last or rnd % self.eval_every == 0):
+            metrics = self.evaluate(self.state)
+            record.accuracy, record.eval_loss = metrics.get("accuracy"), metrics.get("loss")
+        record.seconds = time.perf_counter() - start
+        return record
+
+    def _accept(self, reply: ResultMessage, rnd: int, asked, contract, seen: set[str]) -> ClientResult:
+        if reply.client_id not in asked:
+            raise PayloadError(f"client {reply.client_id!r} was not asked to train in round {rnd}")
+        if reply.client_id in seen:
+            raise PayloadError(f"duplicate result from client {reply.client_id!r}")
+        if reply.round != rnd:
+            raise PayloadError(f"stale result for round {reply.round}, the current round is {rnd}")
+        n = reply.num_examples
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
+            raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")
+        tensors = codec.decode(reply.payload, contract=contract, max_bytes=self.max_payload_bytes)
+        metrics = {k: float(v) for k, v in reply.metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        return ClientResult(reply.client_id, n, tensors, metrics)

@@ -1,0 +1,46 @@
+"""`fedadapt report DIR`: the curves of a run (training loss, held-out accuracy) as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedadapt.core.errors import FedadaptError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FedadaptError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise FedadaptError(f"{path} has no rounds yet")
+    return rows
+
+
+def plot_run(run_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    pts = [(r["round"], r["loss"]) for r in rows if r.get("loss") is not None]
+    ax_loss.plot(*zip(*pts), marker=".") if pts else None
+    ax_loss.set(xlabel="round", ylabel="mean client training loss", title="training loss")
+    pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    ax_acc.plot(*zip(*pts), marker=".", label="global model") if pts else None
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        base = json.loads(summary.read_text()).get("majority_baseline")
+        if base is not None:
+            ax_acc.axhline(base, color="grey", linestyle="--", label="majority class")
+    ax_acc.set(xlabel="round", ylabel="accuracy (held-out subset)", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

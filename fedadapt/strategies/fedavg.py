@@ -1,0 +1,113 @@
+"""FedAvg of adapter tensors (ALGORITHMS.md §1): example-weighted or uniform, with an optional server
+learning rate and server momentum (FedAvgM).
+
+    avg = sum_k p_k theta_k                   p_k = n_k / sum_j n_j  (or 1/|S|)
+    g   = theta - avg                         pseudo-gradient (minus the mean delta)
+    v   = beta * v + g                        v starts at 0, so round 1 has v = g (as Flower)
+    theta <- theta - eta_g * v
+
+With eta_g = 1 and beta = 0 the result is `avg` itself, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedadapt.client.trainer import evaluate, train_config, train_local
+from fedadapt.core.codec import Contract, contract_of
+from fedadapt.core.errors import ConfigError
+from fedadapt.models.adapters import adapter_state, load_adapter_state
+
+from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Task, Tensors, register
+
+
+def weights(num_examples: list[int], weighting: str) -> list[float]:
+    """Normalised aggregation weights p_k (sum to 1)."""
+    if weighting == "uniform":
+        return [1.0 / len(num_examples)] * len(num_examples)
+    total = sum(num_examples)
+    return [n / total for n in num_examples]
+
+
+def weighted_average(models: list[Tensors], p: list[float]) -> Tensors:
+    """sum_k p_k * models[k], per tensor, accumulated in place in the tensors' own dtype.
+
+    Non-float tensors (counters, e.g. BatchNorm's num_batches_tracked) cannot be averaged: the first
+    client's value is taken.
+    """
+    out: Tensors = {}
+    for name, first in models[0].items():
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        acc = first * p[0]
+        for m, w in zip(models[1:], p[1:]):
+            acc.add_(m[name], alpha=w)
+        out[name] = acc
+    return out
+
+
+def server_step(theta: Tensors, avg: Tensors, velocity: Tensors, lr: float, momentum: float) -> tuple[Tensors, Tensors]:
+    """FedAvgM step from the average; returns (new theta, new velocity)."""
+    if lr == 1.0 and momentum == 0.0:
+        return avg, {}
+    new_theta, new_v = {}, {}
+    for name, t in theta.items():
+        if not t.is_floating_point():
+            new_theta[name] = avg[name]
+            continue
+        g = t - avg[name]
+        v = g if name not in velocity or momentum == 0.0 else velocity[name] * momentum + g
+        new_v[name] = v
+        new_theta[name] = t - lr * v
+    return new_theta, (new_v if momentum else {})
+
+
+@dataclass
+class FedAvgOptions:
+    weighting: str = "examples"  # "examples" (n_k) or "uniform"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("examples", "uniform"):
+            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+        if self.server_lr < 0 or not 0 <= self.server_momentum < 1:
+            raise ConfigError("strategy.server_lr must be >= 0 and strategy.server_momentum in [0, 1)")
+
+
+class FedAvgRecipe:
+    """Client side: load the global adapter, train it locally, send the whole adapter back."""
+
+    def prepare(self, model: torch.nn.Module, task: Task) -> None:
+        load_adapter_state(model, task.tensors)
+
+    def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
+        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        return ClientResult(task.config.get("client_id", ""), len(data), adapter_state(model), metrics)
+
+    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
+        return evaluate(model, data, int(task.config.get("batch_size", 128)))
+
+
+@register("fedavg", FedAvgRecipe)
+class FedAvg(StrategyBase):
+    Options = FedAvgOptions
+
+    def init_state(self, spec: ModelSpec) -> GlobalState:
+        return GlobalState({k: v.clone() for k, v in spec.initial.items()})
+
+    def upload_contract(self, state: GlobalState) -> Contract:
+        return contract_of(state.tensors)
+
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        p = weights([r.num_examples for r in results], self.options.weighting)
+        avg = weighted_average([r.tensors for r in results], p)
+        velocity = {k[len("momentum/"):]: v for k, v in state.aux.items() if k.startswith("momentum/")}
+        theta, velocity = server_step(state.tensors, avg, velocity, self.options.server_lr,
+                                      self.options.server_momentum)
+        aux = {f"momentum/{k}": v for k, v in velocity.items()}
+        return RoundOutcome(GlobalState(theta, aux, rnd), {})
