@@ -45,6 +45,7 @@ MB = 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 HAVE_PROC = os.path.exists(f"/proc/{os.getpid()}/stat")
+HAVE_ROLLUP = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
 
 Matcher = Callable[[Sequence[str]], bool]
 
@@ -109,8 +110,10 @@ def _pss(pid: int) -> int | None:
             data = f.read()
     except PermissionError:
         return None
-    except OSError:  # gone, or no smaps_rollup on this kernel
-        return 0 if not os.path.exists(f"/proc/{pid}") else None
+    except FileNotFoundError:  # gone (or a kernel without smaps_rollup: then nothing works)
+        return 0 if not os.path.exists(f"/proc/{pid}/stat") or HAVE_ROLLUP else None
+    except OSError:  # ESRCH etc.: exiting, its memory is already released
+        return 0
     i = data.find(b"\nPss:")
     if i < 0:
         return 0
@@ -301,7 +304,7 @@ def measure(
     page table: ~20-30 ms of CPU per sample for a 1.6 GB process set, i.e. a
     quarter of a core at 0.1 s on a 2-core box), so it is read at most every
     ``pss_interval`` s, plus at any sample that sets a new RSS peak (but not more
-    often than every 2 x ``interval``). ``pss_interval=None`` (or <= interval):
+    often than every 2 x ``interval``; "new" = 2 % above the previous peak). ``pss_interval=None`` (or <= interval):
     PSS at every sample.
 
     Returns ``dict(wall_s, peak_rss_mb, peak_pss_mb, rc, timed_out, samples,
@@ -312,10 +315,12 @@ def measure(
     (both approximate: CPU used in the last interval of a process that exits is
     missed), ``background_cores`` = background_cpu_s / wall_s: anything well above
     0 means the machine was not quiet and the wall time is inflated; ``peak_procs`` lists
-    ``(pid, comm, rss_mb, pss_mb)`` at the sample with the highest RSS sum.
+    ``(pid, comm, rss_mb, pss_mb)`` at the sample with the highest RSS sum (pss_mb
+    is None there unless PSS was read in that sample), ``peak_pss_procs`` the same
+    at the sample with the highest PSS sum.
     """
     state = {"peak_rss": 0, "peak_pss": None, "samples": 0, "pss_samples": 0, "pss_failed": 0,
-             "peak_detail": {}, "busy": 0.0, "sampler_cpu": 0.0, "cpu_ticks": 0, "bg_ticks": 0}
+             "peak_detail": {}, "peak_pss_detail": {}, "busy": 0.0, "sampler_cpu": 0.0, "cpu_ticks": 0, "bg_ticks": 0}
     pss_every = interval if pss_interval is None else max(pss_interval, interval)
     stop = threading.Event()
     collector = TreeCollector(match, match_env)
@@ -339,7 +344,7 @@ def measure(
             rss = sum(r for _, r in procs.values())
             since = ts - last_pss
             do_pss = want_pss and (since >= pss_every - 1e-3 or
-                                   (rss > state["peak_rss"] and since >= 2 * interval - 1e-3))
+                                   (rss > 1.02 * state["peak_rss"] and since >= 2 * interval - 1e-3))
             rss, pss, detail = sample_memory(procs, want_pss=do_pss)
             state["samples"] += 1
             if do_pss:
@@ -347,8 +352,9 @@ def measure(
                 state["pss_samples"] += 1
                 if pss is None:
                     state["pss_failed"] += 1
-                else:
-                    state["peak_pss"] = max(state["peak_pss"] or 0, pss)
+                elif pss > (state["peak_pss"] or 0):
+                    state["peak_pss"] = pss
+                    state["peak_pss_detail"] = detail
             if rss > state["peak_rss"]:
                 state["peak_rss"] = rss
                 state["peak_detail"] = detail
@@ -379,11 +385,11 @@ def measure(
     stop.set()
     th.join()
 
-    peak_procs = sorted(
-        ((pid, comm, round(rss / MB, 1), None if pss is None else round(pss / MB, 1))
-         for pid, (comm, rss, pss) in state["peak_detail"].items()),
-        key=lambda t: -t[2],
-    )
+    def table(detail: dict, col: int) -> list:
+        rows = [(pid, comm, round(rss / MB, 1), None if pss is None else round(pss / MB, 1))
+                for pid, (comm, rss, pss) in detail.items()]
+        return sorted(rows, key=lambda t: -(t[col] or 0))
+
     return {
         "wall_s": round(wall, 3),
         "peak_rss_mb": round(state["peak_rss"] / MB, 1),
@@ -398,7 +404,8 @@ def measure(
         "cpu_s": round(state["cpu_ticks"] / CLK_TCK, 2),
         "background_cpu_s": round(state["bg_ticks"] / CLK_TCK, 2),
         "background_cores": round(state["bg_ticks"] / CLK_TCK / wall, 3) if wall > 0 else None,
-        "peak_procs": peak_procs,
+        "peak_procs": table(state["peak_detail"], 2),
+        "peak_pss_procs": table(state["peak_pss_detail"], 3),
     }
 
 

@@ -176,6 +176,29 @@ def tagged_processes(tag_value: str | None = None) -> list[psutil.Process]:
     return out
 
 
+def flower_venv_processes() -> list[psutil.Process]:
+    """Processes running out of benchmarks/.venv-flower: its path is in their cmdline, or (Ray
+    workers, whose argv is rewritten to `ray::...` and whose environment Ray rebuilds) in
+    their memory maps."""
+    venv = str(FLOWER_VENV)
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid in me:
+            continue
+        cl = p.info.get("cmdline") or []
+        if any(venv in a for a in cl):
+            out.append(p)
+        elif cl and cl[0].startswith("ray::"):
+            try:
+                with open(f"/proc/{p.pid}/maps") as f:
+                    if venv in f.read():
+                        out.append(p)
+            except OSError:
+                pass
+    return out
+
+
 def kill_processes(procs: list[psutil.Process], grace: float = 5.0) -> list[str]:
     """SIGTERM, wait up to ``grace`` s, then SIGKILL; includes descendants. Returns descriptions."""
     allp: dict[int, psutil.Process] = {}
@@ -231,8 +254,11 @@ def _flower_match(cmdline: list[str]) -> bool:
 
 
 def _flwr_ls(env: dict[str, str]) -> dict:
-    r = subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    try:
+        r = subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {"success": False, "error": "flwr ls timed out"}
     try:
         return json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -240,10 +266,22 @@ def _flwr_ls(env: dict[str, str]) -> dict:
 
 
 SAMPLE_INTERVAL = 0.1  # seconds; --interval
+FEDADAPT_COLD_CACHE = False  # --fedadapt-cache cold
 PSS_INTERVAL = 0.5     # seconds; --pss-interval
 
 
-def run_flower_once(work: Path, timeout: float) -> dict:
+def _start_local_superlink(env: dict[str, str]) -> float:
+    """Start the local SuperLink outside the measurement (any `flwr` command against
+    the `local` connection spawns it); return the seconds it took."""
+    t0 = time.perf_counter()
+    subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"], env=env,
+                   capture_output=True, timeout=120)
+    if not local_superlinks():
+        raise RuntimeError("could not pre-start the local SuperLink")
+    return round(time.perf_counter() - t0, 2)
+
+
+def run_flower_once(work: Path, timeout: float, warm_superlink: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex
     env = flower_env(work, tag)
@@ -255,6 +293,10 @@ def run_flower_once(work: Path, timeout: float) -> dict:
     leftovers = kill_processes(local_superlinks())
     if leftovers:
         log(f"[flower] killed leftover local SuperLink processes: {leftovers}")
+    prestart = None
+    if warm_superlink:  # SuperLink already running (not timed; its memory IS counted)
+        prestart = _start_local_superlink(env)
+        time.sleep(1.0)
 
     log_path = work / "flwr_run.log"
     with open(log_path, "wb") as lf:
@@ -262,6 +304,9 @@ def run_flower_once(work: Path, timeout: float) -> dict:
                       cwd=str(REPO_ROOT), timeout=timeout, stdout=lf, stderr=subprocess.STDOUT,
                       interval=SAMPLE_INTERVAL, pss_interval=PSS_INTERVAL)
     res["cmd"] = cmd
+    res["superlink"] = "warm" if warm_superlink else "cold"
+    if prestart is not None:
+        res["superlink_prestart_s"] = prestart
 
     # ---- verify (P5: `flwr run --stream` exits 0 even when the run failed)
     problems = []
@@ -290,12 +335,12 @@ def run_flower_once(work: Path, timeout: float) -> dict:
     # ---- clean up: the detached local SuperLink (+ SuperExec), then anything else tagged
     killed = kill_processes(local_superlinks())
     time.sleep(0.5)
-    stray = kill_processes(tagged_processes(tag))
+    stray = kill_processes(tagged_processes(tag) + flower_venv_processes())
     res["killed_after"] = killed
     if stray:
         res["stray_killed"] = stray
         log(f"[flower] killed stray processes after the run: {stray}")
-    remaining = [p.pid for p in tagged_processes(tag)]
+    remaining = [p.pid for p in tagged_processes(tag) + flower_venv_processes()]
     if remaining:
         problems.append(f"processes still alive after cleanup: {remaining}")
 
@@ -320,6 +365,8 @@ def run_fedadapt_once(work: Path, timeout: float) -> dict:
     tag = uuid.uuid4().hex
     env = dict(os.environ)
     env[TAG_KEY] = tag
+    if FEDADAPT_COLD_CACHE:  # no stored partition: this run imports flwr-datasets and computes it
+        env["FEDADAPT_CACHE"] = tempfile.mkdtemp(prefix="fa-cache-", dir=work)
     cmd = [str(FEDADAPT_BIN), "simulate", str(FEDADAPT_CONFIG.relative_to(REPO_ROOT)), "--out", str(out_dir)]
     log_path = work / "fedadapt.log"
     with open(log_path, "wb") as lf:
@@ -415,24 +462,29 @@ def render_table(sides: dict) -> str:
             f"{_fmt(sm['wall_s']['min'])} | {_fmt(sm['wall_s']['max'])} | "
             f"{_fmt(sm['peak_rss_mb']['median'], 0)} | {_fmt(sm['peak_pss_mb']['median'], 0)} | "
             f"{_fmt(sm['cpu_s']['median'], 1)} | {_fmt(sm['background_cores']['max'])} (max) |")
-    fa, fl = sides.get("fedadapt", {}), sides.get("Flower 1.42", {})
-    if "summary" in fa and "summary" in fl:
+    fa = sides.get("fedadapt", {})
+    for name, fl in sides.items():
+        if not name.startswith("Flower") or "summary" not in fa or "summary" not in fl:
+            continue
         r = {k: _ratio(fa["summary"][k]["median"], fl["summary"][k]["median"])
-             for k in ("wall_s", "peak_rss_mb", "peak_pss_mb")}
+             for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s")}
         rmin = _ratio(fa["summary"]["wall_s"]["min"], fl["summary"]["wall_s"]["min"])
         rmax = _ratio(fa["summary"]["wall_s"]["max"], fl["summary"]["wall_s"]["max"])
-        rcpu = _ratio(fa["summary"]["cpu_s"]["median"], fl["summary"]["cpu_s"]["median"])
-        rows.append(f"| **fedadapt / Flower** | | **{_fmt(r['wall_s'])}x** | {_fmt(rmin)}x | {_fmt(rmax)}x | "
-                    f"**{_fmt(r['peak_rss_mb'])}x** | **{_fmt(r['peak_pss_mb'])}x** | {_fmt(rcpu)}x | |")
+        rows.append(f"| **fedadapt / {name}** | | **{_fmt(r['wall_s'])}x** | {_fmt(rmin)}x | "
+                    f"{_fmt(rmax)}x | **{_fmt(r['peak_rss_mb'])}x** | **{_fmt(r['peak_pss_mb'])}x** | "
+                    f"{_fmt(r['cpu_s'])}x | |")
     return "\n".join(rows)
 
 
 def ratios(sides: dict) -> dict | None:
-    fa, fl = sides.get("fedadapt", {}), sides.get("Flower 1.42", {})
-    if "summary" not in fa or "summary" not in fl:
-        return None
-    return {f"{k}_median": _ratio(fa["summary"][k]["median"], fl["summary"][k]["median"])
-            for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s")}
+    """{flower side name: {metric_median: fedadapt / flower}}; None if nothing to compare."""
+    fa = sides.get("fedadapt", {})
+    out = {}
+    for name, fl in sides.items():
+        if name.startswith("Flower") and "summary" in fa and "summary" in fl:
+            out[name] = {f"{k}_median": _ratio(fa["summary"][k]["median"], fl["summary"][k]["median"])
+                         for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s")}
+    return out or None
 
 
 def write_json(data: dict) -> None:
@@ -456,7 +508,7 @@ def busy_cores(period: float = 1.0) -> float:
     idle = (b.idle + getattr(b, "iowait", 0)) - (a.idle + getattr(a, "iowait", 0))
     total = sum(b) - sum(a)
     ncpu = psutil.cpu_count() or 1
-    return round(ncpu * (1 - idle / total), 2) if total > 0 else 0.0
+    return max(0.0, round(ncpu * (1 - idle / total), 2)) if total > 0 else 0.0
 
 
 def wait_for_quiet(name: str) -> dict:
@@ -501,13 +553,21 @@ def run_side(name: str, once, repeats: int, warmup: int, base: Path, timeout: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RESULTS_JSON, SAMPLE_INTERVAL, PSS_INTERVAL, IDLE_WAIT_S, IDLE_THRESHOLD
+    global RESULTS_JSON, SAMPLE_INTERVAL, PSS_INTERVAL, IDLE_WAIT_S, IDLE_THRESHOLD, FEDADAPT_COLD_CACHE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured runs per side first, to warm the page cache (default 1)")
     ap.add_argument("--skip-fedadapt", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--flower-superlink", choices=("cold", "warm", "both"), default="cold",
+                    help="cold (default): each Flower run starts the local SuperLink itself and "
+                         "that is timed; warm: the SuperLink is started untimed just before the "
+                         "run (its memory still counts), as for a user whose SuperLink daemon "
+                         "is already up; both: one row each")
+    ap.add_argument("--fedadapt-cache", choices=("warm", "cold"), default="warm",
+                    help="warm (default): fedadapt reads the client partition it stored on an earlier "
+                         "run (the warm-up); cold: every run starts from an empty cache")
     ap.add_argument("--timeout", type=float, default=600, help="per-run timeout in seconds")
     ap.add_argument("--interval", type=float, default=0.1, help="RSS sampling period (s)")
     ap.add_argument("--pss-interval", type=float, default=0.5,
@@ -520,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help=f"output JSON (default {RESULTS_JSON})")
     args = ap.parse_args(argv)
     SAMPLE_INTERVAL, PSS_INTERVAL = args.interval, args.pss_interval
+    FEDADAPT_COLD_CACHE = args.fedadapt_cache == "cold"
     IDLE_WAIT_S, IDLE_THRESHOLD = args.idle_wait, args.idle_threshold
     if args.json:
         RESULTS_JSON = args.json.resolve()
@@ -545,11 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_flower:
             sides["Flower 1.42"] = {"skipped": "--skip-flower"}
         else:
-            sides["Flower 1.42"] = run_side("flower", run_flower_once, args.repeats, args.warmup,
-                                            work, args.timeout)
+            if args.flower_superlink in ("cold", "both"):
+                sides["Flower 1.42"] = run_side("flower", run_flower_once, args.repeats,
+                                                args.warmup, work, args.timeout)
+            if args.flower_superlink in ("warm", "both"):
+                sides["Flower 1.42 (warm SuperLink)"] = run_side(
+                    "flower-warm", lambda w, t: run_flower_once(w, t, warm_superlink=True),
+                    args.repeats, args.warmup if args.flower_superlink == "warm" else 0,
+                    work, args.timeout)
     finally:
         # belt and braces: nothing this benchmark started may outlive it
-        stray = kill_processes(tagged_processes())
+        stray = kill_processes(tagged_processes() +
+                               (flower_venv_processes() if not args.skip_flower else []))
         if stray:
             log(f"[bench] killed stray processes at exit: {stray}")
         if args.keep_workdir:

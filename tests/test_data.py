@@ -21,9 +21,9 @@ from fedadapt.data import (
     load_mnist1d,
     load_shakespeare_genre,
     load_synthetic,
-    partition,
 )
 from fedadapt.data.gutenberg import parse_play
+from fedadapt.data.partition import compute_partition as partition
 
 # ---------------------------------------------------------------- data model
 
@@ -514,3 +514,16 @@ def test_importing_fedadapt_data_is_light() -> None:
     code = f"import sys, fedadapt.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_partition_cache_returns_the_computed_partition(tmp_path):
+    from fedadapt.data import partition as cached
+
+    data = load_synthetic(num_examples=200, seed=0).train
+    expected = partition(data, scheme="dirichlet", num_clients=4, alpha=0.3, seed=2)
+    assert cached(data, scheme="dirichlet", num_clients=4, alpha=0.3, seed=2, cache_dir=tmp_path) == expected
+    assert len(list((tmp_path / "partitions").iterdir())) == 1
+    assert cached(data, scheme="dirichlet", num_clients=4, alpha=0.3, seed=2, cache_dir=tmp_path) == expected
+    # any argument or label change is a different key
+    cached(data, scheme="dirichlet", num_clients=4, alpha=0.3, seed=3, cache_dir=tmp_path)
+    assert len(list((tmp_path / "partitions").iterdir())) == 2

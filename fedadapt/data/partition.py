@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import os
 import random
 import warnings
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from fedadapt.core.errors import DataError
@@ -15,6 +20,42 @@ SCHEMES = ("iid", "dirichlet", "natural")
 
 
 def partition(
+    train: Dataset,
+    *,
+    scheme: str,
+    num_clients: int | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_examples: int = 1,
+    cache_dir: str | Path | None = None,
+) -> dict[str, list[int]]:
+    """`compute_partition`, remembered on disk (`<cache>/partitions/`).
+
+    A partition is a pure function of the labels, groups and arguments, and importing
+    flwr-datasets (it brings `datasets` and pyarrow) costs seconds and ~200 MB: a
+    repeated simulation reads the stored result instead. The key includes the
+    flwr-datasets version, so an upgrade recomputes.
+    """
+    from fedadapt.data.shakespeare import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([
+        scheme, num_clients, alpha, seed, min_examples, version("flwr-datasets"),
+        hashlib.sha256(train.labels.numpy().tobytes()).hexdigest(),
+        hashlib.sha256("\x1f".join(train.groups or []).encode()).hexdigest(),
+    ]).encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir()) / "partitions" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    clients = compute_partition(train, scheme=scheme, num_clients=num_clients, alpha=alpha, seed=seed,
+                                min_examples=min_examples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(clients))
+    os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+    return clients
+
+
+def compute_partition(
     train: Dataset,
     *,
     scheme: str,
