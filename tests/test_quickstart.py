@@ -21,7 +21,7 @@ def test_quickstart_twice_gives_identical_adapters(tmp_path):
         assert "round   2/2" in proc.stdout
         finals.append(load_file(out / "model.safetensors"))
     a, b = finals
-    assert a.keys() == b.keys() and len(a) == 25  # 6 layers x (query, value) x (A, B) + head weight and bias
+    assert a.keys() == b.keys() and len(a) == 26  # 6 layers x (query, value) x (A, B) + head weight and bias
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # and training did move the adapter away from LoRA's B = 0 start
