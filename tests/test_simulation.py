@@ -87,3 +87,13 @@ def test_client_without_examples_is_named(tmp_path, capsys):
                  "--set", "data.num_clients=10")
     err = capsys.readouterr().err
     assert rc == 2 and "client" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+def test_bundled_vector_datasets_run_with_dirichlet_clients(tmp_path, dataset):
+    out = tmp_path / dataset
+    rc = run_cli("simulate", "benchmarks/trivial.toml", "--out", out, "--set", f"data.dataset={dataset}",
+                 "--set", "data.partition=dirichlet", "--set", "data.alpha=0.5", "--set", "rounds=2")
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["accuracy"] is not None

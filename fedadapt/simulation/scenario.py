@@ -10,6 +10,7 @@ import torch
 from fedadapt.core.config import RunConfig
 from fedadapt.core.errors import DataError
 from fedadapt.core.rng import derive_seed, permutation
+from fedadapt import data
 from fedadapt.data import TaskData, partition
 from fedadapt.models.adapters import attach_full, attach_lora
 from fedadapt.models.classifier import Features
@@ -18,8 +19,6 @@ from fedadapt.models.loading import LoadedModel, load_classifier
 
 def load_task(cfg: RunConfig) -> TaskData:
     d, seed = cfg.data, cfg.seed
-    from fedadapt import data
-
     if d.dataset == "shakespeare-genre":
         return data.load_shakespeare_genre(snippet_lines=d.snippet_lines, min_lines=d.min_lines,
                                            test_fraction=d.test_fraction, seed=seed)
