@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,3 +65,8 @@ class TaskData:
     train: Dataset
     test: Dataset  # held-out examples of the same population as train
     test_unseen: Dataset | None  # for natural splits: examples of groups never in train (else None)
+
+
+def default_cache_dir() -> Path:
+    """Where fetched corpora and computed partitions are kept: $FEDADAPT_CACHE or ~/.cache/fedadapt."""
+    return Path(os.environ.get("FEDADAPT_CACHE") or Path.home() / ".cache" / "fedadapt")

