@@ -527,3 +527,18 @@ def test_partition_cache_returns_the_computed_partition(tmp_path):
     # any argument or label change is a different key
     cached(data, scheme="dirichlet", num_clients=4, alpha=0.3, seed=3, cache_dir=tmp_path)
     assert len(list((tmp_path / "partitions").iterdir())) == 2
+
+
+def test_partition_cache_survives_a_corrupt_or_unwritable_cache(tmp_path):
+    from fedadapt.data import partition as cached
+
+    data = load_synthetic(num_examples=100, seed=0).train
+    expected = partition(data, scheme="iid", num_clients=3, seed=1)
+    cached(data, scheme="iid", num_clients=3, seed=1, cache_dir=tmp_path)
+    (stored,) = (tmp_path / "partitions").iterdir()
+    stored.write_text('{"client-000": [1, 2')  # truncated
+    assert cached(data, scheme="iid", num_clients=3, seed=1, cache_dir=tmp_path) == expected
+    assert json.loads(stored.read_text()) == expected  # and rewritten whole
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # a file where the cache folder should be
+    assert cached(data, scheme="iid", num_clients=3, seed=1, cache_dir=blocker) == expected

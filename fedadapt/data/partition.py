@@ -42,14 +42,19 @@ def partition(
         hashlib.sha256("\x1f".join(train.groups or []).encode()).hexdigest(),
     ]).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir()) / "partitions" / f"{key}.json"
-    if path.is_file():
+    try:
         return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass  # absent, truncated or foreign: compute it (again)
     clients = compute_partition(train, scheme=scheme, num_clients=num_clients, alpha=alpha, seed=seed,
                                 min_examples=min_examples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(clients))
-    os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(clients))
+        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+    except OSError:
+        pass  # the cache only saves time; an unwritable one must not fail the run
     return clients
 
 
