@@ -19,3 +19,7 @@ class ModelError(FedadaptError):
 
 class PayloadError(FedadaptError):
     """Tensor bytes from a peer that are malformed, hostile, or break the payload contract."""
+
+
+class AuthError(FedadaptError):
+    """A peer that is not registered, is revoked, or presents the wrong credential."""
