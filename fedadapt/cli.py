@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a config key, e.g. --set rounds=2 --set train.lr=0.05")
     sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/)")
     sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    sim.add_argument("--transport", choices=("inprocess", "grpc"), default="inprocess",
+                     help="grpc: a real coordinator and virtual clients over gRPC on 127.0.0.1")
 
     data = sub.add_parser("data", help="fetch datasets and inspect how a scenario partitions them")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -34,9 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="plot a run's metrics.jsonl to curves.png")
     report.add_argument("run_dir", type=Path)
 
+    from fedadapt.client import cli as client_cli
+    from fedadapt.server import cli as server_cli
+
+    server_cli.add_parsers(sub)
+    client_cli.add_parsers(sub)
+
     args = parser.parse_args(argv)
     try:
+        if args.command in ("server", "certs", "clients", "run"):
+            _quiet_libraries()
+            return server_cli.dispatch(args)
+        if args.command == "client":
+            _quiet_libraries()
+            return client_cli.dispatch(args)
         return _dispatch(args)
+    except server_cli.Unavailable as exc:
+        print(f"fedadapt: error: {exc}", file=sys.stderr)
+        return server_cli.EXIT_UNAVAILABLE
     except FedadaptError as exc:
         print(f"fedadapt: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -57,7 +74,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         from fedadapt.simulation.runner import default_out_dir, simulate
 
-        simulate(cfg, args.out or default_out_dir(cfg))
+        simulate(cfg, args.out or default_out_dir(cfg), transport=args.transport)
         return 0
     if args.command == "data":
         _quiet_libraries()

@@ -75,6 +75,16 @@ class EvalConfig:
 
 
 @dataclass
+class CoordinatorConfig:
+    """How a round waits for clients (deployments and `simulate --transport grpc`)."""
+
+    min_clients: int = 0  # connected clients needed before a round starts; 0: min_results
+    min_results: int = 1  # valid results needed to aggregate; fewer leaves the global state unchanged
+    round_timeout: float = 0.0  # seconds a round waits for results once sent; 0: until every asked client answered or left
+    join_timeout: float = 0.0  # seconds to wait for min_clients before a round fails; 0: wait indefinitely
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -85,6 +95,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,15 +104,21 @@ class RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML file (or start from defaults if None), apply `key=value` overrides, validate."""
-    raw: dict[str, Any] = {}
+    text = ""
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        text = p.read_text()
+    return load_config_text(text, overrides, source=str(path))
+
+
+def load_config_text(text: str, overrides: list[str] = (), source: str = "config") -> RunConfig:
+    """`load_config` for TOML text (a run submitted to a coordinator)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     for item in overrides:
         apply_override(raw, item)
     if isinstance(raw.get("strategy"), dict):
@@ -181,6 +198,7 @@ def check_values(cfg: RunConfig) -> None:
         "eval.every": cfg.eval.every,
         "eval.max_examples": cfg.eval.max_examples,
         "eval.batch_size": cfg.eval.batch_size,
+        "coordinator.min_results": cfg.coordinator.min_results,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -201,5 +219,9 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'adapter.rank' must be positive, got {cfg.adapter.rank}")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
+    c = cfg.coordinator
+    if c.min_clients < 0 or c.round_timeout < 0 or c.join_timeout < 0:
+        raise ConfigError("config keys 'coordinator.min_clients', 'coordinator.round_timeout' and "
+                          "'coordinator.join_timeout' must be >= 0")
     if not isinstance(cfg.strategy.get("name"), str):
         raise ConfigError("config key 'strategy.name' must be given as a string")

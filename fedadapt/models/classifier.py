@@ -22,6 +22,18 @@ class Features:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, idx) -> Features:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Features({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
+
+    def sample(self, k: int, seed: int) -> Features:
+        """A seeded subset of at most k examples, in their original order."""
+        if k >= len(self):
+            return self
+        from fedadapt.core.rng import permutation
+
+        return self.subset(permutation(seed, len(self))[:k].sort().values)
+
     def batch(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = {k: v[idx] for k, v in self.inputs.items()}
         mask = inputs.get("attention_mask")

@@ -59,6 +59,8 @@ class RoundRecord:
     skipped: str | None = None  # why the global state was left unchanged, if it was
     seconds: float = 0.0
     strategy: dict[str, float] = field(default_factory=dict)
+    # client -> {"status": accepted|rejected|failed, "reason", "up", "down"} (bytes) for every client asked
+    per_client: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class RoundEngine:
@@ -105,6 +107,12 @@ class RoundEngine:
 
         record = RoundRecord(rnd, None, None, None, bytes_up, bytes_down, sorted(r.client_id for r in accepted),
                              rejected)
+        up = {r.client_id: len(r.payload) for r in replies}
+        for m in messages:
+            status = "rejected" if m.client_id in rejected else "accepted" if m.client_id in up else "failed"
+            reason = rejected.get(m.client_id, "" if status == "accepted" else "no result")
+            record.per_client[m.client_id] = {"status": status, "reason": reason,
+                                              "up": up.get(m.client_id, 0), "down": len(m.payload)}
         if len(accepted) < self.min_results:
             record.skipped = f"{len(accepted)} valid results, fewer than min_results={self.min_results}"
         else:

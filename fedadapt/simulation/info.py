@@ -11,7 +11,7 @@ from rich.table import Table
 from fedadapt.core.config import RunConfig
 from fedadapt.data import partition
 
-from .scenario import load_task
+from fedadapt.data.tasks import load_task
 
 
 def print_info(cfg: RunConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -20,20 +21,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from safetensors.torch import save_file
 
+from fedadapt.client.workload import run_spec
 from fedadapt.core.config import RunConfig
+from fedadapt.data.tasks import input_dim
 from fedadapt.models.adapters import load_adapter_state
 from fedadapt.server.engine import RoundEngine, RoundRecord
 from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
 
 from .scenario import build_scenario
 from .transport import InProcessTransport
+from .wire import grpc_transport
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None) -> dict:
+def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, transport: str = "inprocess") -> dict:
     console = console or Console()
     t0 = time.perf_counter()
     with console.status("loading data and model"):
@@ -61,9 +65,12 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None) -> d
                         MofNCompleteColumn(), TextColumn("clients"), TimeElapsedColumn(), console=console,
                         transient=True)
     bar = progress.add_task("train", total=per_round, rnd=1, rounds=cfg.rounds)
-    transport = InProcessTransport(model, recipe, sc.clients, on_client_done=lambda cid: progress.advance(bar))
-    engine = RoundEngine(strategy, transport, spec, evaluate=lambda s: evaluate_on(sc.eval_subset, s),
-                         eval_every=cfg.eval.every)
+    done = lambda cid: progress.advance(bar)  # noqa: E731
+    if transport == "grpc":
+        spec_json = json.dumps(run_spec(cfg, sc.task.train.label_names, input_dim(sc.task)))
+        wire = grpc_transport(model, recipe, sc.clients, spec_json, on_client_done=done)
+    else:
+        wire = nullcontext(InProcessTransport(model, recipe, sc.clients, on_client_done=done))
 
     def on_round(rec: RoundRecord) -> None:
         metrics_file.write(json.dumps(dataclasses.asdict(rec)) + "\n")
@@ -76,7 +83,10 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None) -> d
         progress.reset(bar, total=per_round, rnd=min(rec.round + 1, cfg.rounds), rounds=cfg.rounds)
 
     train_start = time.perf_counter()
-    with progress:
+    with wire as carrier, progress:
+        c = cfg.coordinator
+        engine = RoundEngine(strategy, carrier, spec, min_results=c.min_results, round_timeout=c.round_timeout or None,
+                             evaluate=lambda s: evaluate_on(sc.eval_subset, s), eval_every=cfg.eval.every)
         state = engine.run(cfg.rounds, on_round)
     metrics_file.close()
     train_seconds = time.perf_counter() - train_start

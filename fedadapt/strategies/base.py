@@ -149,6 +149,14 @@ def build(strategy_cfg: dict[str, Any], settings: RunSettings) -> tuple[ServerSt
     return server_cls(opts, settings), recipe_cls()
 
 
+def recipe_for(name: str) -> ClientRecipe:
+    """The client side of strategy `name` (what a client daemon runs; no server options needed)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][1]()
+
+
 def _load_builtin() -> None:
     from . import fedavg  # noqa: F401  (registers itself)
 

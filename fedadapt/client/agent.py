@@ -1,0 +1,190 @@
+"""The client daemon: join a coordinator, receive tasks on one long-lived stream, train, upload.
+
+It survives the coordinator going away: every failure short of a refusal (unknown client, revoked,
+wrong credential) ends the session, and the agent joins again with exponential backoff. A result
+whose upload was interrupted is kept and uploaded first on the next session; the coordinator
+de-duplicates it by (run, round, client). A task received again (the coordinator restarted before
+committing the round) is answered from the kept result instead of training twice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from fedadapt.client.credentials import Credentials, channel_credentials
+from fedadapt.client.credentials import metadata as auth_metadata
+from fedadapt.client.workload import Workload
+from fedadapt.core import codec
+from fedadapt.core.errors import AuthError, PayloadError
+from fedadapt.proto import fedadapt_pb2 as pb
+from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.chunks import Reassembler, describe, split
+from fedadapt.strategies.base import Task
+
+FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
+
+
+@dataclass
+class Upload:
+    run_id: str
+    round: int
+    kind: str
+    num_examples: int
+    metrics: dict[str, float]
+    payload: bytes
+
+
+class ClientAgent:
+    def __init__(self, target: str, creds: Credentials, make_workload: Callable[[dict[str, Any]], Workload], *,
+                 insecure: bool = False, capabilities: dict[str, Any] | None = None,
+                 max_payload_bytes: int = codec.DEFAULT_MAX_BYTES, backoff: tuple[float, float] = (0.5, 30.0),
+                 train_lock: threading.Lock | None = None, log: Callable[[str], None] = print):
+        self.target = target
+        self.creds = creds
+        self.make_workload = make_workload
+        self.insecure = insecure
+        self.capabilities = capabilities or {}
+        self.max_payload_bytes = max_payload_bytes
+        self.backoff = backoff
+        self.train_lock = train_lock or nullcontext()
+        self.log = log
+        self.stopped = threading.Event()
+        self._metadata = auth_metadata(creds)
+        self._workload: tuple[str, Workload] | None = None  # (run id, workload) of the latest run
+        self._pending: Upload | None = None  # computed, not yet acknowledged by the coordinator
+        self._last: Upload | None = None  # the latest acknowledged result, to answer a re-sent task
+        self._stream = None
+
+    def run(self) -> None:
+        """Serve until `stop()`; raises AuthError if the coordinator refuses this client."""
+        delay = self.backoff[0]
+        while not self.stopped.is_set():
+            try:
+                joined = self._session()
+                delay = self.backoff[0] if joined else delay
+            except grpc.RpcError as exc:
+                if exc.code() in FATAL:
+                    raise AuthError(f"coordinator {self.target} refused {self.creds.name!r}: {exc.details()}") from None
+                if not self.stopped.is_set():
+                    self.log(f"coordinator {self.target} unavailable ({exc.code().name}: {exc.details()}); "
+                             f"retrying in {delay:.1f}s")
+            if self.stopped.wait(delay * random.uniform(0.5, 1.0)):
+                return
+            delay = min(delay * 2, self.backoff[1])
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    # ------------------------------------------------------------------ one session
+    def _session(self) -> bool:
+        with self._channel() as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            reply = stub.Join(pb.JoinRequest(capabilities_json=json.dumps(self.capabilities), version=_version()),
+                              metadata=self._metadata, timeout=30)
+            session = reply.session
+            self.log(f"joined {self.target} as {self.creds.name!r}")
+            if self._pending is not None:
+                self._push(stub, session, self._pending)
+            stream = stub.PullTask(pb.PullRequest(session=session), metadata=self._metadata)
+            self._stream = stream
+            beat = threading.Thread(target=self._heartbeat, args=(stub, session, reply.heartbeat_interval_s, stream),
+                                    daemon=True)
+            beat.start()
+            try:
+                parts = iter(stream)
+                for part in parts:
+                    if part.WhichOneof("part") != "header":
+                        raise PayloadError("task stream out of step: a chunk without its header")
+                    header = part.header
+                    buf = Reassembler(header.payload, self.max_payload_bytes)
+                    while not buf.complete:
+                        buf.add(next(parts).chunk)
+                    upload = self._handle(header, buf.result())
+                    self._pending = upload
+                    self._push(stub, session, upload)
+            except PayloadError as exc:  # a broken task stream: log it and start a fresh session
+                self.log(f"dropped a malformed task: {exc}")
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self.stopped.is_set():
+                    return True
+                raise
+            finally:
+                stream.cancel()
+                self._stream = None
+        return True
+
+    def _handle(self, header: pb.TaskHeader, payload: bytes) -> Upload:
+        if self._last is not None and (self._last.run_id, self._last.round, self._last.kind) == (
+                header.run_id, header.round, header.kind):
+            return self._last  # asked again after a coordinator restart: same inputs, same answer
+        if self._workload is None or self._workload[0] != header.run_id:
+            self._workload = None  # release the previous run's model first
+            self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
+        w = self._workload[1]
+        task = Task(header.kind, header.round, json.loads(header.config_json),
+                    codec.decode(payload, max_bytes=self.max_payload_bytes))
+        start = time.perf_counter()
+        with self.train_lock:
+            w.recipe.prepare(w.model, task)
+            if task.kind == "evaluate":
+                metrics, n, out = w.recipe.evaluate(w.model, w.data, task), len(w.data), b""
+            else:
+                result = w.recipe.train(w.model, w.data, task)
+                metrics, n, out = result.metrics, result.num_examples, codec.encode(result.tensors)
+        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        self.log(f"round {header.round}: {task.kind} on {n} examples{loss} in {time.perf_counter() - start:.1f}s")
+        return Upload(header.run_id, header.round, header.kind, n, metrics, out)
+
+    def _push(self, stub, session: str, up: Upload) -> None:
+        header = pb.ResultHeader(session=session, run_id=up.run_id, round=up.round, num_examples=up.num_examples,
+                                 metrics_json=json.dumps(up.metrics), payload=describe(up.payload))
+
+        def parts():
+            yield pb.ResultPart(header=header)
+            for chunk in split(up.payload):
+                yield pb.ResultPart(chunk=chunk)
+
+        reply = stub.PushResult(parts(), metadata=self._metadata)
+        status = pb.PushReply.Status.Name(reply.status).lower()
+        self.log(f"round {up.round}: uploaded {len(up.payload) / 1e6:.2f} MB, {status}"
+                 + (f" ({reply.reason})" if reply.reason else ""))
+        self._pending = None
+        self._last = up
+
+    def _heartbeat(self, stub, session: str, interval: float, stream) -> None:
+        """Keep the session alive while training; end the stream if the coordinator forgot us."""
+        while not self.stopped.wait(max(interval, 0.2)) and self._stream is stream:
+            try:
+                if not stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=self._metadata,
+                                      timeout=max(interval * 3, 5)).known:
+                    stream.cancel()
+                    return
+            except grpc.RpcError:
+                stream.cancel()
+                return
+
+    def _channel(self) -> grpc.Channel:
+        if self.insecure:
+            return grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(self.target, channel_credentials(self.creds), options=CHANNEL_OPTIONS)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fedadapt")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,52 @@
+"""`fedadapt client start`: a client daemon for an edge machine (exit codes as in server/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fedadapt.core.errors import ConfigError
+
+
+def add_parsers(sub) -> None:
+    client = sub.add_parser("client", help="run a client daemon").add_subparsers(dest="action", required=True)
+    start = client.add_parser("start", help="join a coordinator and train when asked, until interrupted")
+    start.add_argument("--coordinator", default=os.environ.get("FEDADAPT_COORDINATOR", "127.0.0.1:7070"),
+                       help="HOST:PORT of the coordinator (default: $FEDADAPT_COORDINATOR or 127.0.0.1:7070)")
+    start.add_argument("--name", help="this client's registered name (default: the credentials dir's name file)")
+    start.add_argument("--credentials", type=Path, required=True,
+                       help="folder with name, token and ca.crt (from `fedadapt clients add`)")
+    start.add_argument("--insecure", action="store_true", help="plain-text connection (coordinator --insecure)")
+    data = start.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, help="this machine's examples: a .jsonl or .csv file")
+    data.add_argument("--partition", help="demo/test: train on partition ID of the run's own bundled dataset")
+    start.add_argument("--model", help="where the run's base model is on this machine (HF directory)")
+    start.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedadapt.client.agent import ClientAgent
+    from fedadapt.client.credentials import load_credentials
+    from fedadapt.client.workload import build_workload
+
+    if args.data is not None and not args.data.is_file():
+        raise ConfigError(f"data file {args.data} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    creds = load_credentials(args.credentials, args.name)
+
+    def make_workload(spec):
+        return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model)
+
+    agent = ClientAgent(args.coordinator, creds, make_workload, insecure=args.insecure,
+                        log=lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=agent.stop, daemon=True).start())
+    agent.run()
+    return 0

@@ -1,0 +1,71 @@
+"""What a client daemon trains on for a run: the run's model (built locally) and this machine's data.
+
+The coordinator sends a run spec with each task: the run's config plus the label names and input width
+its model was built with. The client builds the same model from it (base weights are pretrained or
+seeded, so they match without being sent) and pairs it with either its own data file or, for demos and
+tests, its share (`--partition ID`) of the run's bundled dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedadapt.core.config import RunConfig, from_dict
+from fedadapt.core.errors import DataError
+from fedadapt.data import load_file
+from fedadapt.data.tasks import client_partitions, input_dim, load_task
+from fedadapt.models.build import build_model
+from fedadapt.models.classifier import Features
+from fedadapt.strategies.base import ClientRecipe, recipe_for
+
+
+@dataclass
+class Workload:
+    model: torch.nn.Module
+    recipe: ClientRecipe
+    data: Features
+
+
+def run_spec(cfg: RunConfig, label_names: list[str], width: int) -> dict[str, Any]:
+    """What the coordinator tells clients about a run (JSON-ready)."""
+    return {"config": cfg.to_dict(), "label_names": list(label_names), "input_dim": width}
+
+
+def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_file: Path | None = None,
+                   model_source: str | None = None) -> Workload:
+    cfg = from_dict(RunConfig, spec["config"])
+    if model_source:
+        cfg = replace(cfg, model=replace(cfg.model, source=model_source))
+    labels = list(spec["label_names"])
+    loaded = build_model(cfg, len(labels), int(spec.get("input_dim", 0)))
+    if partition is not None:
+        task = load_task(cfg)
+        parts = client_partitions(cfg, task)
+        ids = sorted(parts)
+        if partition not in parts and partition.isdigit() and int(partition) < len(ids):
+            partition = ids[int(partition)]  # an index stands for the id at that position
+        if partition not in parts:
+            raise DataError(f"partition {partition!r} does not exist in this run's dataset "
+                            f"({len(parts)} clients: {_examples(list(parts))})")
+        data = loaded.featurize(task.train.features, task.train.labels).subset(parts[partition])
+    elif data_file is not None:
+        own = load_file(data_file, text_field=cfg.data.text_field, label_field=cfg.data.label_field,
+                        test_fraction=0.0, seed=cfg.seed).train
+        unknown = sorted(set(own.label_names) - set(labels))
+        if unknown:
+            raise DataError(f"{data_file}: label {unknown[0]!r} is not one of the run's labels ({_examples(labels)})")
+        remap = torch.tensor([labels.index(n) for n in own.label_names], dtype=torch.long)
+        data = loaded.featurize(own.features, remap[own.labels])
+    else:
+        raise DataError("a client needs --data FILE or --partition ID")
+    if len(data) == 0:
+        raise DataError("this client has no training examples")
+    return Workload(loaded.model, recipe_for(cfg.strategy["name"]), data)
+
+
+def _examples(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

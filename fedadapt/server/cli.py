@@ -1,0 +1,323 @@
+"""`fedadapt server|certs|clients|run ...`: run a coordinator, manage its credentials and client
+registry, and submit and watch runs through its Control service.
+
+Exit codes (all commands): 0 success; 2 a user error (bad config, refused credential, unknown run),
+one line on stderr; 3 the coordinator cannot be reached; 4 a followed run failed; 5 a followed run
+was stopped; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fedadapt.core.errors import ConfigError, FedadaptError
+
+EXIT_UNAVAILABLE, EXIT_RUN_FAILED, EXIT_RUN_STOPPED = 3, 4, 5
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+
+
+class Unavailable(FedadaptError):
+    """The coordinator cannot be reached (exit code 3)."""
+
+
+def add_parsers(sub) -> None:
+    db = dict(default=os.environ.get("FEDADAPT_DATABASE", "fedadapt.db"),
+              help="SQLAlchemy URL or SQLite file (default: $FEDADAPT_DATABASE or fedadapt.db)")
+
+    server = sub.add_parser("server", help="run a coordinator").add_subparsers(dest="action", required=True)
+    start = server.add_parser("start", help="serve clients and runs until interrupted")
+    start.add_argument("--database", **db)
+    start.add_argument("--address", default=DEFAULT_ADDRESS, help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS})")
+    tls = start.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--tls-dir", type=Path, help="folder made by `fedadapt certs init` (server.crt, server.key, admin/)")
+    tls.add_argument("--insecure", action="store_true", help="no TLS and an open Control service (loopback only)")
+    start.add_argument("--data-dir", type=Path, help="tensor blobs (default: next to a SQLite database, DB.blobs/)")
+    start.add_argument("--max-payload-mb", type=int, default=256, help="largest upload accepted (default 256)")
+
+    certs = sub.add_parser("certs", help="make TLS certificates and credentials").add_subparsers(dest="action", required=True)
+    init = certs.add_parser("init", help="a CA, a server certificate, admin and per-client credentials")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--hosts", default="localhost,127.0.0.1", help="names clients use to reach the server")
+    init.add_argument("--clients", default="", help="client names to issue credentials for, comma-separated")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
+
+    clients = sub.add_parser("clients", help="the coordinator's client registry").add_subparsers(dest="action", required=True)
+    add = clients.add_parser("add", help="register a client (issuing its credentials if needed)")
+    add.add_argument("name")
+    add.add_argument("--database", **db)
+    add.add_argument("--tls-dir", type=Path, help="credentials go to TLS_DIR/clients/NAME (with the CA)")
+    add.add_argument("--out", type=Path, help="without --tls-dir: where to write token-only credentials")
+    ls = clients.add_parser("list", help="registered clients")
+    ls.add_argument("--database", **db)
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    revoke = clients.add_parser("revoke", help="refuse a client from now on")
+    revoke.add_argument("name")
+    revoke.add_argument("--database", **db)
+
+    run = sub.add_parser("run", help="submit, list, follow, stop and resume runs on a coordinator")
+    actions = run.add_subparsers(dest="action", required=True)
+    for name, text in [("submit", "queue a run from a TOML file"), ("list", "runs on the coordinator"),
+                       ("get", "one run"), ("follow", "live progress until the run ends"),
+                       ("stop", "stop a run (its committed rounds are kept)"), ("resume", "continue a stopped run")]:
+        p = actions.add_parser(name, help=text)
+        if name == "submit":
+            p.add_argument("config", type=Path)
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+            p.add_argument("--follow", action="store_true", help="then follow it until it ends")
+        elif name != "list":
+            p.add_argument("run_id")
+        p.add_argument("--coordinator", default=os.environ.get("FEDADAPT_COORDINATOR", DEFAULT_ADDRESS),
+                       help="HOST:PORT (default: $FEDADAPT_COORDINATOR or 127.0.0.1:7070)")
+        p.add_argument("--credentials", type=Path, default=os.environ.get("FEDADAPT_CREDENTIALS"),
+                       help="admin credentials dir (certs init makes DIR/admin)")
+        p.add_argument("--insecure", action="store_true", help="plain-text connection (a coordinator started --insecure)")
+        if name in ("list", "get", "submit"):
+            p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "server":
+        return _server_start(args)
+    if args.command == "certs":
+        from fedadapt.server.certs import init_certs
+
+        made = init_certs(args.dir, _csv(args.hosts), _csv(args.clients), force=args.force)
+        print(f"CA and server certificate in {args.dir} (hosts: {', '.join(made['hosts'])})")
+        print(f"admin credentials: {made['admin']}")
+        for path in made["clients"]:
+            print(f"client credentials: {path}  (register with `fedadapt clients add {Path(path).name} --tls-dir {args.dir}`)")
+        return 0
+    if args.command == "clients":
+        return _clients(args)
+    return _run(args)
+
+
+# ---------------------------------------------------------------- server
+def _server_start(args) -> int:
+    from fedadapt.server import certs
+    from fedadapt.server.hub import ClientHub
+    from fedadapt.server.runs import RunManager
+    from fedadapt.server.service import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    store = _open_store(args.database, args.data_dir)
+    credentials, admin = None, None
+    if not args.insecure:
+        credentials = certs.server_credentials(args.tls_dir)
+        admin = _admin_check(certs.admin_token(args.tls_dir))
+    hub = ClientHub()
+    manager = RunManager(store, hub)
+
+    def authenticate(name: str, token: str) -> None:
+        store.check_client(name, token)
+
+    server, port = serve(args.address, hub, manager, authenticate=authenticate, admin_authenticate=admin,
+                         credentials=credentials, max_payload_bytes=args.max_payload_mb * 1024 * 1024)
+    host = args.address.rsplit(":", 1)[0]
+    print(f"coordinator listening on {host}:{port} ({'insecure' if args.insecure else 'TLS'}), "
+          f"database {_shown(args.database)}", file=sys.stderr, flush=True)
+    manager.start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("coordinator shutting down", file=sys.stderr)
+    manager.close()
+    hub.shutdown()
+    server.stop(grace=2.0).wait()
+    store.close()
+    return 0
+
+
+def _admin_check(expected: str):
+    import hmac
+
+    from fedadapt.core.errors import AuthError
+
+    def check(name: str, token: str) -> None:
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise AuthError("wrong admin credential for the Control service")
+
+    return check
+
+
+def _open_store(database: str, data_dir: Path | None, registry_only: bool = False):
+    import tempfile
+
+    from fedadapt.server.store import Store, normalize_url
+
+    url = normalize_url(database)
+    if data_dir is None:
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            data_dir = Path(url.database + ".blobs")
+        elif registry_only:  # the client registry never touches blobs
+            data_dir = Path(tempfile.mkdtemp(prefix="fedadapt-registry-"))
+        else:
+            raise ConfigError("give --data-dir (where tensor blobs are kept) for a non-file database")
+    return Store(database, data_dir)
+
+
+def _shown(database: str) -> str:
+    from fedadapt.server.store import normalize_url
+
+    return normalize_url(database).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------- clients
+def _clients(args) -> int:
+    from fedadapt.server import certs
+
+    store = _open_store(args.database, None, registry_only=True)
+    try:
+        if args.action == "add":
+            if args.tls_dir is not None:
+                cred_dir = certs.issue_credentials(args.tls_dir, args.name)
+            else:
+                cred_dir = certs.token_credentials(args.out or Path("credentials") / args.name, args.name)
+            store.add_client(args.name, (cred_dir / "token").read_text().strip())
+            print(f"registered {args.name!r}; copy {cred_dir}/ to that machine and start it with "
+                  f"`fedadapt client start --credentials DIR ...`")
+        elif args.action == "revoke":
+            store.revoke_client(args.name)
+            print(f"revoked {args.name!r}")
+        else:
+            rows = store.list_clients()
+            if args.format == "json":
+                print(json.dumps([{"name": r.name, "added": _iso(r.added_at), "revoked": _iso(r.revoked_at),
+                                   "last_seen": _iso(r.last_seen)} for r in rows], indent=2))
+            else:
+                _table(["name", "added", "revoked", "last seen"],
+                       [[r.name, _iso(r.added_at), _iso(r.revoked_at), _iso(r.last_seen)] for r in rows])
+    finally:
+        store.close()
+    return 0
+
+
+# ---------------------------------------------------------------- runs (Control client)
+def _run(args) -> int:
+    import grpc
+
+    from fedadapt.proto import fedadapt_pb2 as pb
+    from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+
+    channel, md = _control_channel(args)
+    stub = pb_grpc.ControlStub(channel)
+    try:
+        with channel:
+            if args.action == "submit":
+                from fedadapt.core.config import load_config
+
+                load_config(args.config, args.overrides)  # fail here, with the file name, before sending
+                text = args.config.read_text()
+                if args.overrides:
+                    text = _with_overrides(text, args.overrides)
+                info = stub.SubmitRun(pb.SubmitRunRequest(config_toml=text), metadata=md, timeout=60)
+                _print_runs([info], args.format, single=True)
+                return _follow(stub, md, info.run_id) if args.follow else 0
+            if args.action == "list":
+                _print_runs(stub.ListRuns(pb.ListRunsRequest(), metadata=md, timeout=30).runs, args.format)
+                return 0
+            if args.action == "follow":
+                return _follow(stub, md, args.run_id)
+            call = {"get": stub.GetRun, "stop": stub.StopRun, "resume": stub.ResumeRun}[args.action]
+            info = call(pb.RunRef(run_id=args.run_id), metadata=md, timeout=30)
+            _print_runs([info], getattr(args, "format", "table"), single=True)
+            return 0
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, args.coordinator) from None
+
+
+def _control_channel(args):
+    import grpc
+
+    from fedadapt.client.credentials import channel_credentials, load_credentials, metadata
+
+    creds = load_credentials(args.credentials) if args.credentials else None
+    md = metadata(creds) if creds else ()
+    if args.insecure:
+        return grpc.insecure_channel(args.coordinator), md
+    if creds is None:
+        raise ConfigError("give --credentials DIR (the admin credentials from `fedadapt certs init`) or --insecure")
+    return grpc.secure_channel(args.coordinator, channel_credentials(creds)), md
+
+
+def _rpc_error(exc, target: str) -> FedadaptError:
+    import grpc
+
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"coordinator {target} is not reachable ({exc.details()})")
+    return FedadaptError(exc.details() or code.name)
+
+
+def _follow(stub, md, run_id: str) -> int:
+    from fedadapt.proto import fedadapt_pb2 as pb
+
+    status = ""
+    for ev in stub.FollowRun(pb.RunRef(run_id=run_id), metadata=md):
+        if ev.kind == "round":
+            r = json.loads(ev.record_json)
+            parts = [f"round {ev.round}"]
+            if r.get("loss") is not None:
+                parts.append(f"loss {r['loss']:.4f}")
+            if r.get("accuracy") is not None:
+                parts.append(f"accuracy {r['accuracy']:.3f}")
+            parts.append(f"{len(r.get('clients', []))} results")
+            if r.get("rejected"):
+                parts.append(f"{len(r['rejected'])} rejected")
+            if r.get("skipped"):
+                parts.append(f"skipped: {r['skipped']}")
+            print("  ".join(parts), flush=True)
+        else:
+            status = ev.status
+            error = json.loads(ev.record_json or "{}").get("error")
+            print(f"run {run_id}: {status}" + (f" ({error})" if error else ""), flush=True)
+    return {"finished": 0, "failed": EXIT_RUN_FAILED, "stopped": EXIT_RUN_STOPPED}.get(status, EXIT_UNAVAILABLE)
+
+
+def _print_runs(runs, fmt: str, single: bool = False) -> None:
+    rows = [{"run_id": r.run_id, "name": r.name, "status": r.status, "round": r.round, "rounds": r.rounds,
+             "created": r.created, "updated": r.updated, "error": r.error, "model_path": r.model_path} for r in runs]
+    if fmt == "json":
+        print(json.dumps(rows[0] if single else rows, indent=2))
+        return
+    _table(["run", "name", "status", "round", "created", "error"],
+           [[r["run_id"], r["name"], r["status"], f"{r['round']}/{r['rounds']}", r["created"], r["error"]] for r in rows])
+
+
+def _with_overrides(text: str, overrides: list[str]) -> str:
+    import tomllib
+
+    import tomli_w
+
+    from fedadapt.core.config import apply_override
+
+    raw = tomllib.loads(text)
+    for item in overrides:
+        apply_override(raw, item)
+    return tomli_w.dumps(raw)
+
+
+def _table(headers: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(*headers)
+    for row in rows:
+        t.add_row(*(str(v) for v in row))
+    Console().print(t)
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _iso(t) -> str:
+    return t.isoformat(timespec="seconds") if t is not None else ""

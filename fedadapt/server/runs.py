@@ -1,0 +1,240 @@
+"""Runs on a coordinator: a queue of submitted runs, executed one at a time, each round committed.
+
+A run's truth is the store: `rounds` holds every committed round (global tensors, strategy state,
+metrics, per-client traffic). Executing a run always starts from its last commit, so a coordinator
+killed at any point and started again on the same database resumes at the first uncommitted round,
+and a stopped run resumes the same way. Rounds in flight when a run is stopped are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+from fedadapt.client.workload import run_spec
+from fedadapt.core.config import RunConfig, load_config_text
+from fedadapt.core.errors import FedadaptError
+from fedadapt.core.rng import derive_seed
+from fedadapt.data.tasks import input_dim, load_task
+from fedadapt.models.build import build_model
+from fedadapt.proto import fedadapt_pb2 as pb
+from fedadapt.server.engine import RoundEngine, RoundRecord
+from fedadapt.server.hub import ClientHub
+from fedadapt.server.store import Participation, RunRow, Store, StoreError
+from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
+
+log = logging.getLogger("fedadapt.server")
+TERMINAL = ("stopped", "finished", "failed")
+
+
+class RunStopped(Exception):
+    pass
+
+
+class RunManager:
+    def __init__(self, store: Store, hub: ClientHub):
+        self.store = store
+        self.hub = hub
+        self._cond = threading.Condition()
+        self._active: str | None = None
+        self._stop_active = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="runs", daemon=True)
+
+    # ------------------------------------------------------------------ Control API
+    def submit(self, config_toml: str) -> pb.RunInfo:
+        cfg = load_config_text(config_toml, source="submitted config")
+        build(cfg.strategy, _settings(cfg))  # strategy options are checked now, not when the run starts
+        run_id = self.store.create_run(cfg.name, config_toml, cfg.rounds)
+        log.info("run %s (%s) queued", run_id, cfg.name)
+        self._notify()
+        return self.get(run_id)
+
+    def list(self) -> list[pb.RunInfo]:
+        return [self._info(r) for r in self.store.list_runs()]
+
+    def get(self, run_id: str) -> pb.RunInfo:
+        return self._info(self._row(run_id))
+
+    def stop(self, run_id: str) -> pb.RunInfo:
+        row = self._row(run_id)
+        if row.status in TERMINAL:
+            raise FedadaptError(f"run {run_id} is already {row.status}")
+        with self._cond:
+            self.store.set_status(run_id, "stopped")
+            if self._active == run_id:
+                self._stop_active = True
+                self.hub.abort()
+            self._cond.notify_all()
+        return self.get(run_id)
+
+    def resume(self, run_id: str) -> pb.RunInfo:
+        row = self._row(run_id)
+        if row.status not in ("stopped", "failed"):
+            raise FedadaptError(f"run {run_id} is {row.status}; only stopped or failed runs can be resumed")
+        self.store.set_status(run_id, "queued")
+        self._notify()
+        return self.get(run_id)
+
+    def follow(self, run_id: str, is_active: Callable[[], bool]) -> Iterator[pb.RunEvent]:
+        self._row(run_id)  # unknown ids fail now, not inside the stream
+
+        def events() -> Iterator[pb.RunEvent]:
+            seen, last_status = 0, None
+            while is_active():
+                for rnd, record in self.store.records(run_id, after=seen):
+                    seen = rnd
+                    yield pb.RunEvent(run_id=run_id, kind="round", round=rnd, record_json=json.dumps(record))
+                row = self.store.get_run(run_id)
+                if row.status != last_status:
+                    last_status = row.status
+                    yield pb.RunEvent(run_id=run_id, kind="status", round=row.round, status=row.status,
+                                      record_json=json.dumps({"error": row.error}))
+                if row.status in TERMINAL and row.round == seen:
+                    return
+                with self._cond:
+                    self._cond.wait(timeout=1.0)
+
+        return events()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self.hub.abort()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing:
+                    return
+                # a run left "running" was interrupted by a crash: it goes first
+                row = next(iter(self.store.runs_with_status("running") or self.store.runs_with_status("queued")), None)
+                if row is None:
+                    self._cond.wait(timeout=5.0)
+                    continue
+                self._active, self._stop_active = row.run_id, False
+            try:
+                self._execute(row)
+            finally:
+                with self._cond:
+                    self._active = None
+                    self._cond.notify_all()
+
+    def _execute(self, row: RunRow) -> None:
+        run_id = row.run_id
+        self.store.set_status(run_id, "running")
+        self._notify()
+        try:
+            cfg = load_config_text(row.config_toml, source=f"run {run_id}")
+            self._rounds(run_id, cfg)
+        except RunStopped:
+            log.info("run %s stopped", run_id)
+            return
+        except FedadaptError as exc:
+            log.error("run %s failed: %s", run_id, exc)
+            self.store.set_status(run_id, "failed", str(exc))
+            return
+        except Exception as exc:  # a bug: keep the coordinator up, fail only this run, keep the trace in the log
+            log.exception("run %s failed", run_id)
+            self.store.set_status(run_id, "failed", f"internal error: {exc!r}")
+            return
+        finally:
+            self._notify()
+        with self._cond:
+            if self._stop_active:
+                return
+            self.store.set_status(run_id, "finished")
+        log.info("run %s finished", run_id)
+
+    def _rounds(self, run_id: str, cfg: RunConfig) -> None:
+        task = load_task(cfg)  # the coordinator needs the label set and input width (and evaluates on test)
+        width = input_dim(task)
+        loaded = build_model(cfg, task.train.num_classes, width)
+        model = loaded.model
+        spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        strategy, recipe = build(cfg.strategy, _settings(cfg))
+        eval_set = loaded.featurize(task.test.features, task.test.labels).sample(
+            cfg.eval.max_examples, derive_seed(cfg.seed, "eval"))
+
+        def evaluate(state: GlobalState) -> dict[str, float]:
+            t = Task("evaluate", state.round, {"batch_size": cfg.eval.batch_size}, state.tensors)
+            recipe.prepare(model, t)
+            return recipe.evaluate(model, eval_set, t)
+
+        c = cfg.coordinator
+        engine = RoundEngine(strategy, self.hub, spec, min_results=c.min_results,
+                             round_timeout=c.round_timeout or None, evaluate=evaluate, eval_every=cfg.eval.every)
+        commit = self.store.last_commit(run_id)
+        if commit is not None:
+            engine.state = GlobalState(commit.tensors, commit.aux, commit.round)
+            strategy.load_state_dict(commit.strategy_state)
+            log.info("run %s resumes after committed round %d", run_id, commit.round)
+        self.hub.begin_run(run_id, json.dumps(run_spec(cfg, task.train.label_names, width)))
+        need = c.min_clients or c.min_results
+        for rnd in range(engine.state.round + 1, cfg.rounds + 1):
+            if not self.hub.wait_for_clients(need, c.join_timeout or None):
+                self._check_stop()
+                raise FedadaptError(f"fewer than {need} clients connected within {c.join_timeout:g}s "
+                                    "(coordinator.min_clients, coordinator.join_timeout)")
+            self._check_stop()
+            record = engine.run_round(rnd, last=rnd == cfg.rounds)
+            self._check_stop()  # a stop during the round discards it: it was never committed
+            self._commit(run_id, engine, strategy, record)
+
+    def _commit(self, run_id: str, engine: RoundEngine, strategy, record: RoundRecord) -> None:
+        parts = [Participation(cid, info["status"], info["reason"], info["up"], info["down"])
+                 for cid, info in record.per_client.items()]
+        extra = []
+        for ev in self.hub.drain_events():  # late, dropped and transport-rejected uploads
+            extra.append(dataclasses.asdict(ev))
+            if ev.status in ("late", "rejected") or ev.client not in record.per_client:
+                reason = ev.reason if ev.round == record.round else f"round {ev.round}: {ev.reason}"
+                parts.append(Participation(ev.client, ev.status, reason, ev.bytes_up, 0))
+        data = dataclasses.asdict(record)
+        data["events"] = extra
+        s = engine.state
+        self.store.commit_round(run_id, record.round, s.tensors, s.aux, strategy.state_dict(), data, parts)
+        acc = "" if record.accuracy is None else f" accuracy {record.accuracy:.3f}"
+        log.info("run %s round %d committed: %d results%s%s", run_id, record.round, len(record.clients), acc,
+                 f" (skipped: {record.skipped})" if record.skipped else "")
+        self._notify()
+
+    def _check_stop(self) -> None:
+        with self._cond:
+            if self._stop_active or self._closing:
+                raise RunStopped()
+
+    # ------------------------------------------------------------------ helpers
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _row(self, run_id: str) -> RunRow:
+        try:
+            return self.store.get_run(run_id)
+        except StoreError:
+            raise KeyError(f"no run {run_id!r} on this coordinator") from None
+
+    def _info(self, r: RunRow) -> pb.RunInfo:
+        path = self.store.model_path(r.run_id)
+        return pb.RunInfo(run_id=r.run_id, name=r.name, status=r.status, rounds=r.rounds, round=r.round,
+                          created=_iso(r.created_at), updated=_iso(r.updated_at), error=r.error or "",
+                          model_path=str(path) if path else "")
+
+
+def _settings(cfg: RunConfig) -> RunSettings:
+    return RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round, dataclasses.asdict(cfg.train))
+
+
+def _iso(t) -> str:
+    return t.isoformat(timespec="seconds") if t is not None else ""
+
