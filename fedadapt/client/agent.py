@@ -135,6 +135,7 @@ class ClientAgent:
             self._workload = None  # release the previous run's model first
             self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
         w = self._workload[1]
+        self.log(f"round {header.round}: {header.kind} task received")
         task = Task(header.kind, header.round, json.loads(header.config_json),
                     codec.decode(payload, max_bytes=self.max_payload_bytes))
         start = time.perf_counter()

@@ -25,6 +25,7 @@ def add_parsers(sub) -> None:
     data.add_argument("--data", type=Path, help="this machine's examples: a .jsonl or .csv file")
     data.add_argument("--partition", help="demo/test: train on partition ID of the run's own bundled dataset")
     start.add_argument("--model", help="where the run's base model is on this machine (HF directory)")
+    start.add_argument("--max-payload-mb", type=int, default=256, help="largest task accepted (default 256)")
     start.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
 
 
@@ -45,6 +46,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model)
 
     agent = ClientAgent(args.coordinator, creds, make_workload, insecure=args.insecure,
+                        max_payload_bytes=args.max_payload_mb * 1024 * 1024,
                         log=lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=agent.stop, daemon=True).start())

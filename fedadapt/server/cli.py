@@ -92,7 +92,8 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"CA and server certificate in {args.dir} (hosts: {', '.join(made['hosts'])})")
         print(f"admin credentials: {made['admin']}")
         for path in made["clients"]:
-            print(f"client credentials: {path}  (register with `fedadapt clients add {Path(path).name} --tls-dir {args.dir}`)")
+            print(f"client credentials: {path}  (register: `fedadapt clients add {Path(path).name} "
+                  f"--database URL --tls-dir {args.dir}`)")
         return 0
     if args.command == "clients":
         return _clients(args)
@@ -113,13 +114,14 @@ def _server_start(args) -> int:
         credentials = certs.server_credentials(args.tls_dir)
         admin = _admin_check(certs.admin_token(args.tls_dir))
     hub = ClientHub()
-    manager = RunManager(store, hub)
+    max_bytes = args.max_payload_mb * 1024 * 1024
+    manager = RunManager(store, hub, max_bytes)
 
     def authenticate(name: str, token: str) -> None:
         store.check_client(name, token)
 
     server, port = serve(args.address, hub, manager, authenticate=authenticate, admin_authenticate=admin,
-                         credentials=credentials, max_payload_bytes=args.max_payload_mb * 1024 * 1024)
+                         credentials=credentials, max_payload_bytes=max_bytes)
     host = args.address.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{port} ({'insecure' if args.insecure else 'TLS'}), "
           f"database {_shown(args.database)}", file=sys.stderr, flush=True)
@@ -181,7 +183,11 @@ def _clients(args) -> int:
                 cred_dir = certs.issue_credentials(args.tls_dir, args.name)
             else:
                 cred_dir = certs.token_credentials(args.out or Path("credentials") / args.name, args.name)
-            store.add_client(args.name, (cred_dir / "token").read_text().strip())
+            token = (cred_dir / "token").read_text().strip()
+            if _registered_with(store, args.name, token):
+                print(f"{args.name!r} is already registered with these credentials ({cred_dir})")
+                return 0
+            store.add_client(args.name, token)
             print(f"registered {args.name!r}; copy {cred_dir}/ to that machine and start it with "
                   f"`fedadapt client start --credentials DIR ...`")
         elif args.action == "revoke":
@@ -198,6 +204,17 @@ def _clients(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def _registered_with(store, name: str, token: str) -> bool:
+    """Re-adding a client with the credentials it already has is a no-op (compose re-runs registration)."""
+    from fedadapt.core.errors import AuthError
+
+    try:
+        store.check_client(name, token)
+        return True
+    except AuthError:
+        return False
 
 
 # ---------------------------------------------------------------- runs (Control client)

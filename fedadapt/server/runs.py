@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from fedadapt.client.workload import run_spec
+from fedadapt.core import codec
 from fedadapt.core.config import RunConfig, load_config_text
 from fedadapt.core.errors import FedadaptError
 from fedadapt.core.rng import derive_seed
@@ -35,9 +36,10 @@ class RunStopped(Exception):
 
 
 class RunManager:
-    def __init__(self, store: Store, hub: ClientHub):
+    def __init__(self, store: Store, hub: ClientHub, max_payload_bytes: int = codec.DEFAULT_MAX_BYTES):
         self.store = store
         self.hub = hub
+        self.max_payload_bytes = max_payload_bytes
         self._cond = threading.Condition()
         self._active: str | None = None
         self._stop_active = False
@@ -172,7 +174,8 @@ class RunManager:
 
         c = cfg.coordinator
         engine = RoundEngine(strategy, self.hub, spec, min_results=c.min_results,
-                             round_timeout=c.round_timeout or None, evaluate=evaluate, eval_every=cfg.eval.every)
+                             round_timeout=c.round_timeout or None, max_payload_bytes=self.max_payload_bytes,
+                             evaluate=evaluate, eval_every=cfg.eval.every)
         commit = self.store.last_commit(run_id)
         if commit is not None:
             engine.state = GlobalState(commit.tensors, commit.aux, commit.round)

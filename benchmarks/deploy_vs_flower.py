@@ -1,0 +1,648 @@
+#!/usr/bin/env python3
+"""Deployment runtime on loopback: Flower 1.42 (SuperLink + N SuperNodes), with a slot for fedadapt.
+
+Two measurements, each the same trivial workload fedadapt's coordinator will run:
+
+* **per-round overhead**: a numpy-only echo ClientApp (no torch) that returns 1024 float32
+  values; stock FedAvg samples all N SuperNodes every round; R rounds. The ServerApp appends a
+  timestamp per round event to an absolute path (benchmarks/flower_deploy_app), so per-round
+  time = (wall of the rounds) / R, and the per-round median comes from the same stamps.
+* **upload throughput**: 2 SuperNodes whose ClientApp returns 100 MiB of float32 each; the
+  global model stays 4 KiB (keep-global), so only the upload grows. Effective MB/s =
+  (2 x 100 MiB) / (median round time with 100 MiB replies - median round time with 1024-float
+  replies), both runs with 2 nodes and the same pull interval.
+
+Deployment (shared/docs/FLOWER-NOTES.md section 3, pitfalls P1-P5): ``flower-superlink --insecure
+--disable-runtime-dependency-installation`` on a free port of 127.0.0.1 with the in-memory state,
+N ``flower-supernode --insecure`` processes with distinct ``--port`` values, a fresh FLWR_HOME per
+run whose config.toml defines the ``deploy`` connection, FLWR_DISABLE_UPDATE_CHECK=1,
+FLWR_TELEMETRY_ENABLED=0, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1. ``flwr run <app> deploy
+--stream`` is what is measured (benchmarks/measure.py: wall, peak RSS/PSS summed over every
+process carrying this run's env tag: SuperLink, its SuperExec, ServerApp, SuperNodes, their
+SuperExecs and the per-message ClientApp processes). A run counts as OK only if ``flwr run``
+exited 0, ``flwr ls --format json`` says ``finished:completed`` (P5: ``--stream`` exits 0 on
+failure), every round got N replies without errors, and nothing was left running afterwards.
+Every process started is killed by PID (its whole tree, plus anything with the env tag), also on
+failure or Ctrl-C. A memory guard kills the deployment if MemAvailable drops below
+``--min-free-gb`` (the machine is shared), and the run is recorded as infeasible with the reason.
+
+Pull interval: Flower's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls. ``--poll
+stock`` uses it as shipped; a number (e.g. 0.05) wraps the Grid in a 0.05 s pull loop (the
+notes' tuning). The upload measurement defaults to 0.05 s, because 3 s pulls would quantise the
+round-time difference it is computed from.
+
+Usage (from the repository root, project venv; Flower runs from benchmarks/.venv-flower):
+
+    .venv/bin/python benchmarks/deploy_vs_flower.py                       # everything, defaults
+    .venv/bin/python benchmarks/deploy_vs_flower.py --nodes 2,10,20,50 --rounds 5 --repeats 1
+    .venv/bin/python benchmarks/deploy_vs_flower.py --only upload --upload-mib 100
+    .venv/bin/python benchmarks/deploy_vs_flower.py --skip-flower         # fedadapt side only
+
+Writes benchmarks/results/deploy_flower.json (atomically): raw runs, per-round stamps, medians,
+peak RSS/PSS, the load, and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+FLOWER_VENV = BENCH_DIR / ".venv-flower"
+FLOWER_APP = BENCH_DIR / "flower_deploy_app"
+RESULTS_JSON = BENCH_DIR / "results" / "deploy_flower.json"
+TAG_KEY = "FEDADAPT_DEPLOY_BENCH_TAG"
+MIB = 1024 * 1024
+TINY_FLOATS = 1024
+
+sys.path.insert(0, str(BENCH_DIR))
+from measure import TreeCollector, measure, sample_memory  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _bin(name: str) -> str:
+    return str(FLOWER_VENV / "bin" / name)
+
+
+# ------------------------------------------------------------------ processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries TAG_KEY=tag (not this process or its parents)."""
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    out = []
+    for p in psutil.process_iter():
+        if p.pid in me:
+            continue
+        try:
+            if p.environ().get(TAG_KEY) == tag:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def kill_by_pid(procs: list[psutil.Process], grace: float = 5.0) -> list[str]:
+    """SIGTERM each process and its descendants (by PID), SIGKILL what is left after ``grace``."""
+    victims: dict[int, psutil.Process] = {}
+    for p in procs:
+        try:
+            for q in [p, *p.children(recursive=True)]:
+                if q.pid != os.getpid():
+                    victims.setdefault(q.pid, q)
+        except psutil.Error:
+            pass
+    desc = []
+    for q in victims.values():
+        try:
+            desc.append(f"{q.pid}:{q.name()}")
+            q.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return desc
+
+
+def flower_env(work: Path, tag: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update({
+        "PATH": f"{FLOWER_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        "VIRTUAL_ENV": str(FLOWER_VENV),
+        "FLWR_HOME": str(work / "flwr_home"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "NO_COLOR": "1", "TERM": "dumb", "PYTHONUNBUFFERED": "1",
+        TAG_KEY: tag,
+    })
+    return env
+
+
+class MemoryGuard(threading.Thread):
+    """Calls ``on_low()`` once if MemAvailable falls below ``min_free`` bytes."""
+
+    def __init__(self, min_free: float, on_low) -> None:
+        super().__init__(daemon=True, name="mem-guard")
+        self.min_free, self.on_low = min_free, on_low
+        self.tripped: str | None = None
+        self.min_seen = float("inf")
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(0.5):
+            avail = psutil.virtual_memory().available
+            self.min_seen = min(self.min_seen, avail)
+            if avail < self.min_free:
+                self.tripped = (f"MemAvailable fell to {avail / 2**30:.1f} GiB (< {self.min_free / 2**30:.1f} "
+                                "GiB guard): deployment killed")
+                log(f"[guard] {self.tripped}")
+                self.on_low()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FlowerDeployment:
+    """SuperLink + N SuperNodes on 127.0.0.1, every process tagged and killed by PID on exit."""
+
+    def __init__(self, work: Path, nodes: int, tag: str, start_timeout: float = 600.0) -> None:
+        self.work, self.nodes, self.tag, self.start_timeout = work, nodes, tag, start_timeout
+        self.env = flower_env(work, tag)
+        self.link_port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        home = work / "flwr_home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "deploy"\n\n'
+            f'[superlink.deploy]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+
+    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        f = open(self.work / "logs" / f"{name}.log", "wb")
+        self.logs.append(f)
+        p = subprocess.Popen(cmd, env=self.env, cwd=str(self.work), stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def _wait_port(self, port: int, proc: subprocess.Popen, what: str, deadline: float) -> None:
+        while not listening(port):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not listening on {port} after {self.start_timeout:.0f}s")
+            time.sleep(0.2)
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        deadline = t0 + self.start_timeout
+        link = self._spawn([_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                            "--database", ":flwr-in-memory:", "--host", "127.0.0.1",
+                            "--port", str(self.link_port)], "superlink")
+        self._wait_port(self.link_port, link, "flower-superlink", deadline)
+        ports = []
+        for i in range(self.nodes):
+            port = free_port()
+            ports.append(port)
+            self._spawn([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                         "--port", str(port), "--node-config", f"partition-id={i} num-partitions={self.nodes}"],
+                        f"supernode-{i}")
+        for i, port in enumerate(ports):
+            self._wait_port(port, self.procs[1 + i], f"flower-supernode {i}", deadline)
+        return round(time.monotonic() - t0, 2)
+
+    def processes(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    found[p.pid] = psutil.Process(p.pid)
+                except psutil.Error:
+                    pass
+        for p in tagged(self.tag):
+            found.setdefault(p.pid, p)
+        return list(found.values())
+
+    def stop(self) -> list[str]:
+        killed = kill_by_pid(self.processes())
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self.logs:
+            f.close()
+        return killed
+
+    def __enter__(self) -> "FlowerDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -------------------------------------------------------------------- analysis
+
+def read_stamps(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def round_times(stamps: list[dict], rounds: int) -> dict:
+    start = {s["round"]: s["t"] for s in stamps if s.get("event") == "round_start"}
+    end = {s["round"]: s["t"] for s in stamps if s.get("event") == "round_end"}
+    rin = {s["round"]: s for s in stamps if s.get("event") == "replies_in"}
+    done = sorted(r for r in start if r in end)
+    if not done:
+        return {"rounds_done": 0}
+    # round r lasts from its start to the next round's start (the last: to its own end)
+    dur = [(start[r + 1] if r + 1 in start else end[r]) - start[r] for r in done]
+    wall = end[done[-1]] - start[done[0]]
+    out = {
+        "rounds_done": len(done),
+        "round_s": [round(d, 3) for d in dur],
+        "collect_s": [round(rin[r]["t"] - start[r], 3) for r in done if r in rin],
+        "aggregate_s": [round(end[r] - rin[r]["t"], 4) for r in done if r in rin],
+        "replies": [rin[r].get("replies") for r in done if r in rin],
+        "errors": [rin[r].get("errors") for r in done if r in rin],
+        "reply_bytes": [rin[r].get("reply_bytes") for r in done if r in rin],
+        "wall_of_rounds_s": round(wall, 3),
+        "per_round_s": round(wall / len(done), 3),
+        "round_median_s": round(statistics.median(dur), 3),
+        "round_median_excl_first_s": round(statistics.median(dur[1:]), 3) if len(dur) > 1 else None,
+        "round_min_s": round(min(dur), 3), "round_max_s": round(max(dur), 3),
+    }
+    ready = [s for s in stamps if s.get("event") == "nodes_ready"]
+    if ready:
+        out["nodes_ready_wait_s"] = round(ready[0].get("waited_s", 0.0), 3)
+    return out
+
+
+def flwr_ls(env: dict[str, str]) -> dict:
+    try:
+        r = subprocess.run([_bin("flwr"), "ls", "deploy", "--format", "json"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {"success": False, "error": "flwr ls timed out"}
+    try:
+        return json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "raw_stdout": r.stdout[-1500:], "raw_stderr": r.stderr[-1500:]}
+
+
+def idle_memory(tag: str) -> dict:
+    procs = TreeCollector(match_env=(TAG_KEY, tag)).collect(None)
+    rss, pss, _ = sample_memory(procs)
+    return {"procs": len(procs), "rss_mb": round(rss / MIB, 1), "pss_mb": None if pss is None else round(pss / MIB, 1)}
+
+
+# ----------------------------------------------------------------- Flower side
+
+def run_flower(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: float | None = None,
+               keep_global: bool = False, *, timeout: float = 1800.0, min_free_gb: float = 3.0,
+               pss_interval: float = 1.0, keep_workdir: bool = False) -> dict:
+    """One Flower deployment run: start SuperLink + ``nodes`` SuperNodes, ``flwr run`` ``rounds``
+    rounds of the echo app (each reply ``reply_floats`` float32 values), verify, tear down.
+    ``poll``: None = Grid.send_and_receive as shipped (3 s pulls), else the pull interval in s."""
+    tag = uuid.uuid4().hex
+    work = Path(tempfile.mkdtemp(prefix="dvf-"))
+    stamps_path = work / "stamps.jsonl"
+    res: dict = {"nodes": nodes, "rounds": rounds, "reply_floats": reply_floats,
+                 "reply_bytes_each": reply_floats * 4, "poll": "stock" if poll is None else poll,
+                 "keep_global": keep_global, "loadavg_1m_before": round(os.getloadavg()[0], 2)}
+    problems: list[str] = []
+    dep = FlowerDeployment(work, nodes, tag)
+    guard = MemoryGuard(min_free_gb * 2**30, lambda: kill_by_pid(dep.processes(), grace=1.0))
+    guard.start()
+    try:
+        log(f"[flower] starting SuperLink + {nodes} SuperNodes (work dir {work})")
+        res["startup_s"] = dep.start()
+        time.sleep(1.0)
+        res["idle_memory"] = idle_memory(tag)
+        log(f"[flower] up in {res['startup_s']}s, idle RSS {res['idle_memory']['rss_mb']:.0f} MB; "
+            f"flwr run: {rounds} rounds, replies of {reply_floats * 4 / MIB:.3g} MiB, poll {res['poll']}")
+        cfg = (f"num-server-rounds={rounds} num-nodes={nodes} reply-floats={reply_floats} "
+               f"global-floats={TINY_FLOATS} keep-global={'true' if keep_global else 'false'} "
+               f"poll-interval={0.0 if poll is None else float(poll)} stamps-path='{stamps_path}'")
+        cmd = [_bin("flwr"), "run", str(FLOWER_APP), "deploy", "--stream", "-c", cfg]
+        res["cmd"] = cmd
+        with open(work / "logs" / "flwr_run.log", "wb") as lf:
+            m = measure(cmd, env=dep.env, match_env=(TAG_KEY, tag), cwd=str(work), timeout=timeout,
+                        stdout=lf, stderr=subprocess.STDOUT, interval=0.25, pss_interval=pss_interval)
+        res.update({k: m[k] for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "rc", "timed_out", "cpu_s",
+                                      "background_cores", "sampler_cpu_s")})
+        res["peak_procs_top"] = m["peak_procs"][:12]
+        res["peak_proc_count"] = len(m["peak_procs"])
+        if guard.tripped:
+            problems.append(guard.tripped)
+        ls = flwr_ls(dep.env)
+        runs = ls.get("runs") or []
+        res["flwr_ls_status"] = [r.get("status") for r in runs]
+        if m["rc"] != 0:
+            problems.append(f"flwr run exited {m['rc']}" + (" (timeout)" if m["timed_out"] else ""))
+        if res["flwr_ls_status"] != ["finished:completed"]:
+            problems.append(f"flwr ls statuses {res['flwr_ls_status']} (expected one finished:completed)")
+        stamps = read_stamps(stamps_path)
+        res["stamps"] = stamps
+        res.update(round_times(stamps, rounds))
+        if res.get("rounds_done") != rounds:
+            problems.append(f"{res.get('rounds_done')} of {rounds} rounds finished")
+        if any(r != nodes for r in res.get("replies", [])) or any(res.get("errors", [])):
+            problems.append(f"replies per round {res.get('replies')}, errors {res.get('errors')} "
+                            f"(expected {nodes}, 0)")
+    except Exception as e:  # noqa: BLE001 - recorded, the run counts as failed
+        problems.append(f"{type(e).__name__}: {e}")
+        if guard.tripped and guard.tripped not in problems:
+            problems.append(guard.tripped)
+    finally:
+        guard.stop()
+        res["killed_after"] = dep.stop()
+        time.sleep(0.5)
+        left = tagged(tag)
+        if left:
+            res["stray_killed"] = kill_by_pid(left)
+            left = tagged(tag)
+        if left:
+            problems.append(f"processes still alive after cleanup: {[p.pid for p in left]}")
+        res["min_mem_available_gb"] = (None if guard.min_seen == float("inf")
+                                       else round(guard.min_seen / 2**30, 2))
+        res["ok"] = not problems
+        res["problems"] = problems
+        if problems:
+            for name in ("flwr_run", "superlink", "supernode-0"):
+                p = work / "logs" / f"{name}.log"
+                if p.exists():
+                    res.setdefault("log_tails", {})[name] = p.read_text(errors="replace")[-2500:]
+            log(f"[flower] run FAILED: {problems}")
+        if keep_workdir:
+            res["workdir"] = str(work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"[flower] N={nodes} ok={res['ok']} per-round {res.get('per_round_s')}s median "
+        f"{res.get('round_median_s')}s wall {res.get('wall_s')}s peak RSS {res.get('peak_rss_mb')} MB "
+        f"other load {res.get('background_cores')} cores")
+    return res
+
+
+# --------------------------------------------------------------- fedadapt side
+
+def run_fedadapt(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: float | None = None,
+                 keep_global: bool = False, *, timeout: float = 1800.0, min_free_gb: float = 3.0,
+                 pss_interval: float = 1.0, keep_workdir: bool = False) -> dict:
+    """=== STUB: the fedadapt side (coordinator + ``nodes`` clients on loopback, same workload) ===
+
+    Must return the same keys as ``run_flower`` where they apply: ok, problems, wall_s,
+    peak_rss_mb, peak_pss_mb, cpu_s, background_cores, round_s, per_round_s, round_median_s,
+    replies, reply_bytes_each, so ``summarize_runs`` and ``upload_throughput`` work unchanged.
+    """
+    raise NotImplementedError("lead adds this")
+
+
+# ------------------------------------------------------------------- scenarios
+
+def summarize_runs(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r.get("ok")]
+    rounds = [d for r in ok for d in r.get("round_s", [])]
+    out = {"ok_runs": len(ok), "runs": len(runs)}
+    if ok:
+        out.update({
+            "per_round_s_median": statistics.median(r["per_round_s"] for r in ok),
+            "round_median_s": round(statistics.median(rounds), 3),
+            "round_median_excl_first_s": (round(statistics.median(
+                [d for r in ok for d in r.get("round_s", [])[1:]]), 3)
+                if any(len(r.get("round_s", [])) > 1 for r in ok) else None),
+            "round_min_s": min(rounds), "round_max_s": max(rounds),
+            "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in ok),
+            "peak_pss_mb_median": (statistics.median(r["peak_pss_mb"] for r in ok)
+                                   if all(r.get("peak_pss_mb") for r in ok) else None),
+            "idle_rss_mb_median": statistics.median(r["idle_memory"]["rss_mb"] for r in ok),
+            "startup_s_median": statistics.median(r["startup_s"] for r in ok),
+            "cpu_s_median": statistics.median(r["cpu_s"] for r in ok),
+            "background_cores_max": max((r.get("background_cores") or 0) for r in ok),
+        })
+    return out
+
+
+def upload_throughput(tiny: dict, big: dict, nodes: int, reply_bytes: int) -> dict:
+    if not (tiny.get("ok_runs") and big.get("ok_runs")):
+        return {"MBps": None, "reason": "a run failed"}
+    extra = big["round_median_s"] - tiny["round_median_s"]
+    out = {"bytes_per_round": nodes * reply_bytes, "round_median_tiny_s": tiny["round_median_s"],
+           "round_median_big_s": big["round_median_s"], "extra_s": round(extra, 3)}
+    out["MBps"] = round(nodes * reply_bytes / extra / 1e6, 1) if extra > 0 else None
+    if extra <= 0:
+        out["reason"] = "100 MiB rounds were not slower than tiny rounds (noise); rerun with more rounds"
+    return out
+
+
+def run_side(runner, args, side: str) -> dict:
+    poll_of = {"stock": None}
+    out: dict = {"overhead": {}, "upload": {}}
+    if args.only in (None, "overhead"):
+        for poll_s in args.poll.split(","):
+            poll = poll_of.get(poll_s, None if poll_s == "stock" else float(poll_s))
+            key = f"poll={poll_s}"
+            out["overhead"][key] = {}
+            for n in [int(x) for x in args.nodes.split(",")]:
+                runs = []
+                for i in range(args.repeats):
+                    log(f"[{side}] overhead {key} N={n} run {i + 1}/{args.repeats}")
+                    runs.append(runner(n, args.rounds, TINY_FLOATS, poll, False, timeout=args.timeout,
+                                       min_free_gb=args.min_free_gb, pss_interval=args.pss_interval,
+                                       keep_workdir=args.keep_workdir))
+                summ = summarize_runs(runs)
+                out["overhead"][key][str(n)] = {"summary": summ, "runs": runs}
+                if not summ["ok_runs"]:
+                    reasons = sorted({p for r in runs for p in r.get("problems", [])})
+                    out["overhead"][key][str(n)]["infeasible_reason"] = reasons
+                    log(f"[{side}] N={n} failed ({reasons}); not trying larger N for {key}")
+                    break
+    if args.only in (None, "upload"):
+        poll = None if args.upload_poll == "stock" else float(args.upload_poll)
+        n, big_floats = 2, int(args.upload_mib * MIB) // 4
+        runs_t, runs_b = [], []
+        for i in range(args.repeats):  # interleave tiny and big, so slow drift hits both
+            log(f"[{side}] upload baseline (tiny replies) run {i + 1}/{args.repeats}")
+            runs_t.append(runner(n, args.upload_rounds, TINY_FLOATS, poll, True, timeout=args.timeout,
+                                 min_free_gb=args.min_free_gb, pss_interval=args.pss_interval,
+                                 keep_workdir=args.keep_workdir))
+            log(f"[{side}] upload ({args.upload_mib:g} MiB replies) run {i + 1}/{args.repeats}")
+            runs_b.append(runner(n, args.upload_rounds, big_floats, poll, True, timeout=args.timeout,
+                                 min_free_gb=args.min_free_gb, pss_interval=args.pss_interval,
+                                 keep_workdir=args.keep_workdir))
+        st, sb = summarize_runs(runs_t), summarize_runs(runs_b)
+        out["upload"] = {"poll": args.upload_poll, "nodes": n, "reply_mib": args.upload_mib,
+                         "tiny": {"summary": st, "runs": runs_t}, "big": {"summary": sb, "runs": runs_b},
+                         "throughput": upload_throughput(st, sb, n, big_floats * 4)}
+    return out
+
+
+# ------------------------------------------------------------------------ main
+
+def machine_facts() -> dict:
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    facts = {"hostname": socket.gethostname(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": cpu,
+             "mem_total_gb": round(psutil.virtual_memory().total / 2**30, 1), "kernel": platform.release(),
+             "runner_python": sys.version.split()[0]}
+    try:
+        r = subprocess.run([_bin("python"), "-c", "import flwr, numpy, sys; print(flwr.__version__, "
+                            "numpy.__version__, sys.version.split()[0])"], capture_output=True, text=True,
+                           timeout=60)
+        fl, npv, py = r.stdout.split()
+        facts["flower_venv"] = {"flwr": fl, "numpy": npv, "python": py}
+    except Exception as e:  # noqa: BLE001
+        facts["flower_venv"] = {"error": repr(e)}
+    return facts
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def render(sides: dict) -> str:
+    lines = ["| side | scenario | N | ok | per-round (s) = wall/R | round median (s) | min-max (s) | "
+             "peak RSS (MB) | peak PSS (MB) | idle RSS (MB) | other load (cores, max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for side, d in sides.items():
+        if "skipped" in d:
+            lines.append(f"| {side} | skipped: {d['skipped']} |||||||||| ")
+            continue
+        for key, per_n in d.get("overhead", {}).items():
+            for n, e in per_n.items():
+                s = e["summary"]
+                if not s["ok_runs"]:
+                    lines.append(f"| {side} | overhead {key} | {n} | 0/{s['runs']} | infeasible: "
+                                 f"{'; '.join(e.get('infeasible_reason', []))[:160]} |||||| |")
+                    continue
+                lines.append(f"| {side} | overhead {key} | {n} | {s['ok_runs']}/{s['runs']} | "
+                             f"{s['per_round_s_median']:.2f} | {s['round_median_s']:.2f} | "
+                             f"{s['round_min_s']:.2f}-{s['round_max_s']:.2f} | {s['peak_rss_mb_median']:.0f} | "
+                             f"{s['peak_pss_mb_median'] or 0:.0f} | {s['idle_rss_mb_median']:.0f} | "
+                             f"{s['background_cores_max']} |")
+        up = d.get("upload") or {}
+        for which in ("tiny", "big"):
+            if which in up:
+                s = up[which]["summary"]
+                label = f"upload {which} poll={up['poll']}"
+                if s["ok_runs"]:
+                    lines.append(f"| {side} | {label} | {up['nodes']} | {s['ok_runs']}/{s['runs']} | "
+                                 f"{s['per_round_s_median']:.2f} | {s['round_median_s']:.2f} | "
+                                 f"{s['round_min_s']:.2f}-{s['round_max_s']:.2f} | {s['peak_rss_mb_median']:.0f} | "
+                                 f"{s['peak_pss_mb_median'] or 0:.0f} | {s['idle_rss_mb_median']:.0f} | "
+                                 f"{s['background_cores_max']} |")
+                else:
+                    lines.append(f"| {side} | {label} | {up['nodes']} | 0/{s['runs']} | failed |||||| |")
+        if up.get("throughput"):
+            t = up["throughput"]
+            lines.append(f"| {side} | **upload throughput** | {up['nodes']} | | "
+                         f"**{t.get('MBps')} MB/s** ({t.get('bytes_per_round', 0) / 1e6:.0f} MB in "
+                         f"{t.get('extra_s')} s extra per round) ||||||| ")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=1, help="runs per scenario (each gives R round times)")
+    ap.add_argument("--nodes", default="2,10,20,50",
+                    help="SuperNode counts for the overhead measurement, tried in order; stops at the "
+                         "first N that fails (default 2,10,20,50)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per overhead run (default 5)")
+    ap.add_argument("--poll", default="stock", help="pull intervals for the overhead runs: 'stock' "
+                    "(Flower's 3 s) and/or seconds, comma-separated (default: stock)")
+    ap.add_argument("--upload-mib", type=float, default=100.0)
+    ap.add_argument("--upload-rounds", type=int, default=6)
+    ap.add_argument("--upload-poll", default="0.05", help="pull interval for the upload runs (default 0.05)")
+    ap.add_argument("--only", choices=("overhead", "upload"), default=None)
+    ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--skip-fedadapt", action="store_true")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per `flwr run` limit in seconds")
+    ap.add_argument("--min-free-gb", type=float, default=3.0,
+                    help="kill the deployment if MemAvailable drops below this (shared machine)")
+    ap.add_argument("--pss-interval", type=float, default=1.0)
+    ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--json", type=Path, default=RESULTS_JSON)
+    args = ap.parse_args(argv)
+
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sides: dict[str, dict] = {}
+    try:
+        if args.skip_fedadapt:
+            sides["fedadapt"] = {"skipped": "--skip-fedadapt"}
+        else:
+            try:
+                sides["fedadapt"] = run_side(run_fedadapt, args, "fedadapt")
+            except NotImplementedError as e:
+                sides["fedadapt"] = {"skipped": f"run_fedadapt: {e}"}
+                log(f"[fedadapt] skipped: {e}")
+        if args.skip_flower:
+            sides["Flower 1.42"] = {"skipped": "--skip-flower"}
+        else:
+            if not Path(_bin("flower-superlink")).exists():
+                raise SystemExit(f"{FLOWER_VENV} has no flower-superlink: create it with "
+                                 "benchmarks/overhead_vs_flower.py first")
+            sides["Flower 1.42"] = run_side(run_flower, args, "flower")
+    finally:
+        data = {
+            "benchmark": "deploy_vs_flower",
+            "started_utc": started,
+            "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "workload": {
+                "overhead": f"numpy echo ClientApp, {TINY_FLOATS} float32 reply, stock FedAvg, all N "
+                            f"nodes sampled, {args.rounds} rounds",
+                "upload": f"2 nodes, each reply {args.upload_mib:g} MiB float32, global model "
+                          f"{TINY_FLOATS} float32 (keep-global), {args.upload_rounds} rounds",
+            },
+            "method": ("per-round = (last round_end - first round_start) / R from the ServerApp's stamps; "
+                       "round_s = start of round r to start of round r+1 (last: to its end); peak RSS/PSS = "
+                       "max over samples of the sum over every process with the run's env tag during "
+                       "`flwr run`; idle RSS = the same right before `flwr run`; background_cores = CPU "
+                       "of all other processes / wall (0 on a quiet machine)"),
+            "args": vars(args) | {"json": str(args.json)},
+            "machine": machine_facts(),
+            "loadavg_at_end": os.getloadavg(),
+            "sides": sides,
+        }
+        write_json(data, args.json)
+    print(render(sides))
+    print(f"\nRaw runs: {args.json}")
+    bad = [r for d in sides.values() for per in d.get("overhead", {}).values() for e in per.values()
+           for r in e["runs"] if not r.get("ok")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

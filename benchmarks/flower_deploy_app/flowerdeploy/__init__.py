@@ -1,0 +1,1 @@
+"""Flower side of fedadapt's deployment-runtime benchmark (numpy only)."""
