@@ -22,7 +22,9 @@ What is timed (each a median over ``--repeats`` runs, per torch thread setting):
          codec's checks (dtype whitelist, finiteness, contract).
   (b_zc) a zero-copy decode measured here only (codec.py is not changed): parse the safetensors
          header by hand and ``torch.frombuffer`` over the payload's data section, then the same
-         ``codec.check_tensors`` and (a). (b_zc_nocheck) without the checks, to show their cost.
+         ``codec.check_tensors`` and (a). (b_zc_minmaxcheck) the same verdicts with finiteness
+         from one ``torch.aminmax`` per tensor (``torch.isfinite(t).all()`` turned out to be the
+         largest cost); (b_minmaxcheck) that check with safetensors' own (copying) load; (b_zc_nocheck) without any checks, to show their cost.
   (c)    the baseline: one ``copy_`` of all reply bytes (381 MiB, one contiguous source) into a
          preallocated buffer; (c_each) ten ``copy_`` calls straight from the ten payloads.
   (d)    Flower's ``aggregate_arrayrecords`` on RecordDicts holding ``ArrayRecord`` + ``MetricRecord
@@ -215,6 +217,26 @@ def zero_copy_decode(data: bytes) -> dict:
     return out
 
 
+def minmax_check(tensors: dict, contract) -> None:
+    """Benchmark-only idea: the verdicts of codec.check_tensors (contract + finiteness), with
+    finiteness from one ``torch.aminmax`` pass per tensor instead of ``torch.isfinite(t).all()``
+    (which in torch 2.13 is composite: abs, two comparisons and a product, each a temporary).
+    Exact: aminmax propagates NaN, and +-Inf shows up as the min or the max."""
+    import torch
+
+    from fedadapt.core import codec
+    if set(tensors) != set(contract):
+        raise ValueError("names differ from the contract")
+    for name, t in tensors.items():
+        spec = contract[name]
+        if t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+            raise ValueError(f"{name!r} does not match the contract")
+        if t.dtype in codec.FLOAT_DTYPES and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{name!r} contains NaN or Inf")
+
+
 def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     import torch
 
@@ -274,6 +296,19 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
             codec.check_tensors(t, contract)
         return server.aggregate(1, results_of(dec), state)
 
+    def b_minmaxcheck():
+        from safetensors.torch import load
+        dec = [load(pl) for pl in payloads]
+        for t in dec:
+            minmax_check(t, contract)
+        return server.aggregate(1, results_of(dec), state)
+
+    def b_zc_minmaxcheck():
+        dec = [zero_copy_decode(pl) for pl in payloads]
+        for t in dec:
+            minmax_check(t, contract)
+        return server.aggregate(1, results_of(dec), state)
+
     def b_zc_nocheck():
         dec = [zero_copy_decode(pl) for pl in payloads]
         return server.aggregate(1, results_of(dec), state)
@@ -303,7 +338,7 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
 
     fns = {"a": a, "a_weighted_average_only": a_wavg, "a_old": a_old, "b": b, "b_decode_only": b_decode_only,
            "b_safetensors_load_only": b_safetensors_load_only, "b_check_tensors_only": check_tensors_only,
-           "b_zc": b_zc, "b_zc_nocheck": b_zc_nocheck, "c": c, "c_each": c_each,
+           "b_minmaxcheck": b_minmaxcheck, "b_zc": b_zc, "b_zc_minmaxcheck": b_zc_minmaxcheck, "b_zc_nocheck": b_zc_nocheck, "c": c, "c_each": c_each,
            "c_one_model": c_one_model, "ctx_sha256": ctx_sha256, "ctx_bytes_copy": ctx_bytes_copy}
 
     # correctness: new == old bit for bit; zero-copy path == codec path; sums for the Flower check
@@ -312,6 +347,18 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     zc = b_zc().state.tensors
     assert all(torch.equal(new[k], ref[k]) for k in ref), "weighted_average changed the numbers"
     assert all(torch.equal(zc[k], ref[k]) for k in ref), "zero-copy decode changed the numbers"
+    first = next(iter(models[0]))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 3, models[0][first].numel() - 1):
+            bad = dict(models[0])
+            bad[first] = bad[first].clone()
+            bad[first].view(-1)[pos] = value
+            for checker in (codec.check_tensors, minmax_check):  # both must reject it
+                try:
+                    checker(bad, contract)
+                    raise AssertionError(f"{checker.__name__} accepted {value} at {pos}")
+                except (ValueError, codec.PayloadError):
+                    pass
     sums = {k: float(v.double().sum()) for k, v in new.items()}
     del ref, new, zc
 
@@ -354,8 +401,13 @@ for k in range(cfg["num_replies"]):
 def d():
     return aggregate_arrayrecords(records, "num-examples")
 
-def d_numpy():
-    return [v.numpy() for r in records for ar in r.array_records.values() for v in ar.values()]
+def d_numpy():  # deserialise every Array once, dropping each result at once (as the aggregation does)
+    n = 0
+    for r in records:
+        for ar in r.array_records.values():
+            for v in ar.values():
+                n += v.numpy().size
+    return n
 
 result = d()
 sums = {k: float(np.asarray(v.numpy(), dtype=np.float64).sum()) for k, v in result.items()}
@@ -446,6 +498,8 @@ def ratios(fa: dict, fl: dict | None) -> dict:
     t = {k: v["median_ms"] for k, v in fa["timings"].items()}
     out = {"a_over_c": _ratio(t["a"], t["c"]), "b_over_c": _ratio(t["b"], t["c"]),
            "b_zc_over_c": _ratio(t["b_zc"], t["c"]), "b_zc_nocheck_over_c": _ratio(t["b_zc_nocheck"], t["c"]),
+           "b_zc_minmaxcheck_over_c": _ratio(t["b_zc_minmaxcheck"], t["c"]),
+           "b_minmaxcheck_over_c": _ratio(t["b_minmaxcheck"], t["c"]),
            "a_over_c_each": _ratio(t["a"], t["c_each"]), "a_old_over_a": _ratio(t["a_old"], t["a"]),
            "b_decode_share": _ratio(t["b_decode_only"], t["b"])}
     if fl and "timings" in fl:
@@ -463,7 +517,9 @@ ROWS = [
     ("b_decode_only", "  of which codec.decode x10"),
     ("b_safetensors_load_only", "    safetensors.torch.load x10 (copies)"),
     ("b_check_tensors_only", "    codec.check_tensors x10 (finiteness etc.)"),
+    ("b_minmaxcheck", "  (b_minmaxcheck) safetensors load + aminmax-based checks + aggregate"),
     ("b_zc", "(b_zc) zero-copy decode + check_tensors + aggregate"),
+    ("b_zc_minmaxcheck", "  (b_zc_minmaxcheck) zero-copy decode + aminmax-based checks + aggregate"),
     ("b_zc_nocheck", "  (b_zc_nocheck) zero-copy decode + aggregate, no checks"),
     ("c", "(c) one copy_ of all reply bytes (381 MiB)"),
     ("c_each", "  (c_each) copy_ straight from the 10 payloads"),
@@ -475,18 +531,20 @@ ROWS = [
 
 def render(results: list[dict]) -> str:
     heads = [f"threads={r['fedadapt']['torch_threads']}" for r in results]
-    lines = ["| measurement (median ms) | " + " | ".join(heads) + " |",
+    lines = ["| measurement: median ms (min) | " + " | ".join(heads) + " |",
              "|---|" + "---|" * len(results)]
     for key, label in ROWS:
         lines.append(f"| {label} | " + " | ".join(
-            f"{r['fedadapt']['timings'][key]['median_ms']:.1f}" for r in results) + " |")
-    for key, label in (("d", "(d) Flower aggregate_arrayrecords"), ("d_numpy", "  of which Array.numpy() x200")):
+            f"{r['fedadapt']['timings'][key]['median_ms']:.1f} ({r['fedadapt']['timings'][key]['min_ms']:.1f})"
+            for r in results) + " |")
+    for key, label in (("d", "(d) Flower aggregate_arrayrecords"), ("d_numpy", "  of which Array.numpy() x200 (each dropped at once)")):
         cells = []
         for r in results:
             fl = r.get("flower") or {}
-            cells.append(f"{fl['timings'][key]['median_ms']:.1f}" if "timings" in fl else "n/a")
+            cells.append(f"{fl['timings'][key]['median_ms']:.1f} ({fl['timings'][key]['min_ms']:.1f})"
+                         if "timings" in fl else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for key in ("a_over_c", "b_over_c", "b_zc_over_c", "d_over_a", "d_over_b", "a_old_over_a"):
+    for key in ("a_over_c", "b_over_c", "b_minmaxcheck_over_c", "b_zc_over_c", "b_zc_minmaxcheck_over_c", "d_over_a", "d_over_b", "a_old_over_a"):
         lines.append(f"| ratio {key} | " + " | ".join(
             "n/a" if r["ratios"].get(key) is None else f"**{r['ratios'][key]:.2f}x**" for r in results) + " |")
     lines.append("| other load (cores) fedadapt / Flower | " + " | ".join(

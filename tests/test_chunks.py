@@ -18,7 +18,7 @@ from fedadapt.core import codec
 from fedadapt.core.codec import ALLOWED_DTYPES, FLOAT_DTYPES, TensorSpec
 from fedadapt.core.errors import PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
-from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, split
+from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, framed, split
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +69,7 @@ def test_default_chunk_fits_grpc_default_message_limit():
     assert CHUNK_BYTES < 4 * 1024 * 1024
     data = b"\x01" * (CHUNK_BYTES + 1)
     assert [len(c) for c in split(data)] == [CHUNK_BYTES, 1]
-    assert reassemble(describe(data), split(data)) == data
+    assert reassemble(describe(data), split(data), max_bytes=len(data)) == data
 
 
 @FAST
@@ -150,11 +150,54 @@ def test_specific_defects_are_named():
     data = bytes(range(20))
     h = describe(data)
     chunks = list(split(data, 8))
-    assert "corrupted" in assert_refused(h, [chunks[0], b"\xff" + chunks[1][1:], chunks[2]])
-    assert "truncated" in assert_refused(h, chunks[:-1])
-    assert "overflows" in assert_refused(h, [*chunks, b"!"])
-    assert "overflows" in assert_refused(pb.Payload(size=19, sha256=h.sha256), chunks)
-    assert "truncated" in assert_refused(pb.Payload(size=21, sha256=h.sha256), chunks)
+    assert "corrupted" in assert_refused(h, [chunks[0], b"\xff" + chunks[1][1:], chunks[2]], chunk_bytes=8)
+    assert "truncated" in assert_refused(h, chunks[:-1], chunk_bytes=8)
+    assert "overflows" in assert_refused(h, [*chunks, b"!"], chunk_bytes=8)
+    assert "overflows" in assert_refused(pb.Payload(size=19, sha256=h.sha256), chunks, chunk_bytes=8)
+    assert "truncated" in assert_refused(pb.Payload(size=21, sha256=h.sha256), chunks, chunk_bytes=8)
+
+
+def test_an_endless_stream_of_empty_chunks_is_refused():
+    r = Reassembler(describe(b"abc"), BIG, chunk_bytes=4)
+    with pytest.raises(PayloadError):
+        for _ in range(10_000):
+            r.add(b"")
+
+
+def test_chunks_smaller_than_the_limit_are_accepted():
+    """The protocol bounds chunks from above only ("chunks of at most CHUNK_BYTES", fedadapt.proto;
+    JoinReply.chunk_bytes is "the largest chunk the coordinator sends or accepts"): a sender that uses
+    smaller chunks than the receiver's limit is well-behaved and must not be refused."""
+    data = bytes(range(256)) * 40  # 10 KiB
+    for size in (4096, 1000, 1):
+        assert reassemble(describe(data), split(data, size)) == data  # receiver limit: CHUNK_BYTES
+        assert reassemble(describe(data), split(data, size), chunk_bytes=8192) == data
+
+
+# ---------------------------------------------------------------------------------- framed (header + first chunk)
+@FAST
+@given(data=payloads, size=chunk_sizes)
+def test_framed_parts_carry_the_header_with_the_first_chunk(data, size):
+    header = pb.ResultHeader(run_id="r", round=3, num_examples=7, payload=describe(data))
+    parts = list(framed(pb.ResultPart, header, data, size))
+    assert len(parts) == max(1, -(-len(data) // size))
+    assert parts[0].HasField("header") and parts[0].header == header
+    assert not any(p.HasField("header") for p in parts[1:])
+    assert all(0 < len(p.chunk) <= size for p in parts[1:])
+    # what a receiver does: the header's chunk first, then the rest
+    r = Reassembler(parts[0].header.payload, BIG, chunk_bytes=size)
+    for p in parts:
+        r.add(p.chunk)
+    assert r.result() == data
+
+
+def test_framed_empty_payload_is_one_message():
+    header = pb.TaskHeader(run_id="r", round=1, payload=describe(b""))
+    [only] = framed(pb.TaskPart, header, b"")
+    assert only.HasField("header") and only.chunk == b""
+    r = Reassembler(only.header.payload, 0)
+    r.add(only.chunk)
+    assert r.result() == b""
 
 
 # ---------------------------------------------------------------------------------- hostile parts (property)
@@ -186,14 +229,26 @@ def test_an_extra_chunk_is_refused(data, size, extra, where):
     assert "overflows" in assert_refused(describe(data), chunks, chunk_bytes=size)
 
 
+@st.composite
+def distinct_chunks(draw):
+    size = draw(st.integers(1, 16))
+    full = draw(st.lists(st.binary(min_size=size, max_size=size), min_size=2, max_size=8, unique=True))
+    tail = draw(st.binary(min_size=0, max_size=size - 1))
+    return size, full + ([tail] if tail else [])
+
+
 @FAST
-@given(data=st.binary(min_size=2, max_size=400), size=chunk_sizes, perm=st.randoms(use_true_random=False))
-def test_reordered_chunks_are_refused(data, size, perm):
-    chunks = list(split(data, size))
-    shuffled = chunks[:]
-    perm.shuffle(shuffled)
-    assume(b"".join(shuffled) != data)  # swapping identical chunks changes nothing
-    assert "corrupted" in assert_refused(describe(data), shuffled, chunk_bytes=size)
+@given(parts=distinct_chunks(), shift=st.integers(min_value=1), perm=st.randoms(use_true_random=False))
+def test_reordered_chunks_are_refused(parts, shift, perm):
+    size, chunks = parts
+    data = b"".join(chunks)
+    k = 1 + shift % (len(chunks) - 1)
+    moved = chunks[k:] + chunks[:k]  # a rotation is never the identity
+    if perm.random() < 0.5:
+        perm.shuffle(moved)
+    assume(b"".join(moved) != data)
+    assert list(split(data, size)) == chunks
+    assert "corrupted" in assert_refused(describe(data), moved, chunk_bytes=size)
 
 
 @FAST

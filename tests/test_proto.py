@@ -78,6 +78,12 @@ def test_push_reply_statuses_are_stable():
     assert dict(pb.PushReply.Status.items()) == {"ACCEPTED": 0, "DUPLICATE": 1, "LATE": 2, "REJECTED": 3}
 
 
-def test_oneofs_split_headers_from_chunks():
-    for msg in (pb.TaskPart, pb.ResultPart):
-        assert [f.name for f in msg.DESCRIPTOR.oneofs_by_name["part"].fields] == ["header", "chunk"]
+def test_parts_carry_a_header_and_a_chunk():
+    # a part is (optional header, chunk bytes): field numbers and types are on the wire
+    for msg, header in ((pb.TaskPart, "TaskHeader"), (pb.ResultPart, "ResultHeader")):
+        fields = {f.name: f for f in msg.DESCRIPTOR.fields}
+        assert set(fields) == {"header", "chunk"}
+        assert fields["header"].number == 1 and fields["header"].message_type.name == header
+        assert fields["chunk"].number == 2 and fields["chunk"].type == fields["chunk"].TYPE_BYTES
+    payload = {f.name: f.number for f in pb.Payload.DESCRIPTOR.fields}
+    assert payload == {"size": 1, "sha256": 2}

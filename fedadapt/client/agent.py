@@ -28,7 +28,7 @@ from fedadapt.core import codec
 from fedadapt.core.errors import AuthError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-from fedadapt.proto.chunks import Reassembler, describe, split
+from fedadapt.proto.chunks import Reassembler, describe, framed
 from fedadapt.strategies.base import Task
 
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -107,12 +107,16 @@ class ClientAgent:
             try:
                 parts = iter(stream)
                 for part in parts:
-                    if part.WhichOneof("part") != "header":
+                    if not part.HasField("header"):
                         raise PayloadError("task stream out of step: a chunk without its header")
                     header = part.header
                     buf = Reassembler(header.payload, self.max_payload_bytes)
+                    buf.add(part.chunk)
                     while not buf.complete:
-                        buf.add(next(parts).chunk)
+                        part = next(parts)
+                        if part.HasField("header"):
+                            raise PayloadError("task stream out of step: a header inside a task")
+                        buf.add(part.chunk)
                     upload = self._handle(header, buf.result())
                     self._pending = upload
                     self._push(stub, session, upload)
@@ -154,12 +158,7 @@ class ClientAgent:
         header = pb.ResultHeader(session=session, run_id=up.run_id, round=up.round, num_examples=up.num_examples,
                                  metrics_json=json.dumps(up.metrics), payload=describe(up.payload))
 
-        def parts():
-            yield pb.ResultPart(header=header)
-            for chunk in split(up.payload):
-                yield pb.ResultPart(chunk=chunk)
-
-        reply = stub.PushResult(parts(), metadata=self._metadata)
+        reply = stub.PushResult(framed(pb.ResultPart, header, up.payload), metadata=self._metadata)
         status = pb.PushReply.Status.Name(reply.status).lower()
         self.log(f"round {up.round}: uploaded {len(up.payload) / 1e6:.2f} MB, {status}"
                  + (f" ({reply.reason})" if reply.reason else ""))

@@ -23,10 +23,18 @@ def describe(data: bytes) -> pb.Payload:
 
 
 def split(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The chunks of `data` in order (none for an empty payload); slices of one memoryview, no copies."""
+    """The chunks of `data` in order (none for an empty payload)."""
     view = memoryview(data)
     for start in range(0, len(data), chunk_bytes):
         yield bytes(view[start:start + chunk_bytes])
+
+
+def framed(part_type, header, data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+    """The messages of one payload: the header rides with the first chunk, so a small payload is one message."""
+    chunks = split(data, chunk_bytes)
+    yield part_type(header=header, chunk=next(chunks, b""))
+    for chunk in chunks:
+        yield part_type(chunk=chunk)
 
 
 class Reassembler:
@@ -42,12 +50,16 @@ class Reassembler:
         self._filled = 0
         self._hash = hashlib.sha256()
         self._chunk_bytes = chunk_bytes
+        self._parts_left = header.size // chunk_bytes + 2  # no endless stream of empty chunks
 
     @property
     def complete(self) -> bool:
         return self._filled == len(self._buf)
 
     def add(self, chunk: bytes) -> None:
+        self._parts_left -= 1
+        if self._parts_left < 0:
+            raise PayloadError("payload sent in more chunks than its size needs")
         if len(chunk) > self._chunk_bytes:
             raise PayloadError(f"chunk of {len(chunk)} bytes exceeds the chunk limit of {self._chunk_bytes}")
         end = self._filled + len(chunk)

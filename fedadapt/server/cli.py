@@ -105,7 +105,7 @@ def _server_start(args) -> int:
     from fedadapt.server import certs
     from fedadapt.server.hub import ClientHub
     from fedadapt.server.runs import RunManager
-    from fedadapt.server.service import serve
+    from fedadapt.server.service import CachedAuth, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     store = _open_store(args.database, args.data_dir)
@@ -117,11 +117,8 @@ def _server_start(args) -> int:
     max_bytes = args.max_payload_mb * 1024 * 1024
     manager = RunManager(store, hub, max_bytes)
 
-    def authenticate(name: str, token: str) -> None:
-        store.check_client(name, token)
-
-    server, port = serve(args.address, hub, manager, authenticate=authenticate, admin_authenticate=admin,
-                         credentials=credentials, max_payload_bytes=max_bytes)
+    server, port = serve(args.address, hub, manager, authenticate=CachedAuth(store.check_client),
+                         admin_authenticate=admin, credentials=credentials, max_payload_bytes=max_bytes)
     host = args.address.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{port} ({'insecure' if args.insecure else 'TLS'}), "
           f"database {_shown(args.database)}", file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ class _Round:
 
 
 class ClientHub:
-    def __init__(self, heartbeat_timeout: float = 15.0):
+    def __init__(self, heartbeat_timeout: float = 30.0):
         self.heartbeat_timeout = heartbeat_timeout
         self.run_id = ""
         self.run_spec_json = "{}"

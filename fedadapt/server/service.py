@@ -5,8 +5,11 @@ every payload is reassembled and verified (size, sha256) before the hub sees it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -17,7 +20,7 @@ import fedadapt
 from fedadapt.core.errors import AuthError, FedadaptError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, split
+from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, framed
 from fedadapt.server.engine import MAX_EXAMPLES, ResultMessage
 from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REJECTED, ClientHub, Event
 
@@ -25,9 +28,27 @@ log = logging.getLogger("fedadapt.server")
 
 Authenticate = Callable[[str, str], None]  # (name, token) -> None, or raises AuthError
 MAX_JSON = 64 * 1024  # capabilities and metrics are small; anything bigger is hostile
-HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_INTERVAL = 5.0  # the task stream itself reports a dead peer; heartbeats cover long silent training
 _STATUS = {ACCEPTED: pb.PushReply.ACCEPTED, DUPLICATE: pb.PushReply.DUPLICATE, LATE: pb.PushReply.LATE,
            REJECTED: pb.PushReply.REJECTED}
+
+
+class CachedAuth:
+    """Remembers successful checks for `ttl` seconds so that every upload and heartbeat does not cost a
+    database query; a revocation takes effect within `ttl`. Failures are never cached."""
+
+    def __init__(self, check: Authenticate, ttl: float = 5.0):
+        self.check, self.ttl = check, ttl
+        self._ok: dict[tuple[str, str], float] = {}
+
+    def __call__(self, name: str, token: str) -> None:
+        key = (name, hashlib.sha256(token.encode()).hexdigest())
+        if time.monotonic() - self._ok.get(key, -math.inf) < self.ttl:
+            return
+        self.check(name, token)
+        if len(self._ok) > 100_000:  # bounded under a flood of distinct valid tokens (there are few)
+            self._ok.clear()
+        self._ok[key] = time.monotonic()
 
 
 def _identity(context: grpc.ServicerContext, authenticate: Authenticate | None, hub: ClientHub | None) -> str:
@@ -96,16 +117,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 header = pb.TaskHeader(run_id=self.hub.run_id, round=task.round, kind=task.kind,
                                        config_json=json.dumps(task.config), run_spec_json=self.hub.run_spec_json,
                                        payload=describe(task.payload))
-                yield pb.TaskPart(header=header)
-                for chunk in split(task.payload):
-                    yield pb.TaskPart(chunk=chunk)
+                yield from framed(pb.TaskPart, header, task.payload)
         finally:
             self.hub.detach(s)
 
     def PushResult(self, request_iterator, context):
         parts = iter(request_iterator)
         first = next(parts, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a result must start with its header")
         h = first.header
         s = self._session(h.session, context)
@@ -114,8 +133,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 raise PayloadError(f"num_examples must be in [1, {MAX_EXAMPLES}], got {h.num_examples}")
             metrics = _json_object(h.metrics_json, "metrics_json")
             buf = Reassembler(h.payload, self.max_payload_bytes)
+            buf.add(first.chunk)
             for part in parts:
-                if part.WhichOneof("part") != "chunk":
+                if part.HasField("header"):
                     raise PayloadError("a second header inside one upload")
                 buf.add(part.chunk)
             payload = buf.result()

@@ -38,6 +38,7 @@ from sqlalchemy import (
     create_engine,
     event,
     exc,
+    insert,
     select,
 )
 from sqlalchemy.engine import URL, make_url
@@ -462,8 +463,10 @@ class Store:
             s.add(_Round(run_id=run_id, round=rnd, state_blob=state_blob, aux_blob=aux_blob,
                          strategy_state_json=state_json, record_json=record_json, committed_at=now))
             _flush(s, f"round {rnd} of run {run_id!r} was already committed")  # participations reference it
-            s.add_all(_Participation(run_id=run_id, round=rnd, client=p.client, status=p.status, reason=p.reason,
-                                     bytes_up=p.bytes_up, bytes_down=p.bytes_down) for p in parts)
+            if parts:  # one executemany, not an ORM object per client (50+ clients per round)
+                s.execute(insert(_Participation), [
+                    {"run_id": run_id, "round": rnd, "client": p.client, "status": p.status, "reason": p.reason,
+                     "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in parts])
             run.round, run.updated_at = rnd, now
             s.flush()
 
@@ -485,6 +488,13 @@ class Store:
             self._run(s, run_id)
             q = select(_Round.round, _Round.record_json).where(_Round.run_id == run_id, _Round.round > after)
             return [(r, json.loads(j)) for r, j in s.execute(q.order_by(_Round.round))]
+
+    def commit_times(self, run_id: str) -> list[float]:
+        """POSIX time of each committed round, in round order (round periods for benchmarks)."""
+        with self._session() as s:
+            self._run(s, run_id)
+            q = select(_Round.committed_at).where(_Round.run_id == run_id).order_by(_Round.round)
+            return [t.timestamp() for (t,) in s.execute(q)]
 
     def participations(self, run_id: str, rnd: int | None = None) -> list[Participation]:
         with self._session() as s:

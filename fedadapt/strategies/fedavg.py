@@ -32,22 +32,50 @@ def weights(num_examples: list[int], weighting: str) -> list[float]:
     return [n / total for n in num_examples]
 
 
+# Tensors are averaged in batches of about this many bytes: each client's contribution to a batch is one
+# torch._foreach_add_ call instead of one Python-level add_ per tensor, and a batch's accumulators are small
+# enough to stay in the CPU cache while all clients are added to them.
+_BATCH_BYTES = 4 * 1024 * 1024
+
+
 def weighted_average(models: list[Tensors], p: list[float]) -> Tensors:
     """sum_k p_k * models[k], per tensor, accumulated in place in the tensors' own dtype.
 
     Non-float tensors (counters, e.g. BatchNorm's num_batches_tracked) cannot be averaged: the first
     client's value is taken.
+
+    Per tensor this is exactly `acc = models[0][name] * p_0; acc.add_(models[k][name], alpha=p_k)` for
+    k = 1, 2, ..., so the result is the same bit for bit; the only allocation is the output tensor, and
+    no temporaries are made. Consecutive float tensors are processed in batches of about `_BATCH_BYTES`
+    through the `torch._foreach_*` ops (one dispatch per client and batch rather than per client and
+    tensor), which matters for adapters made of many small tensors.
     """
+    first_model = models[0]
+    rest = list(zip(models[1:], p[1:]))
     out: Tensors = {}
-    for name, first in models[0].items():
+    batch: list[str] = []
+    batch_bytes = 0
+
+    def flush() -> None:
+        accs = torch._foreach_mul([first_model[n] for n in batch], p[0])
+        for m, w in rest:
+            torch._foreach_add_(accs, [m[n] for n in batch], alpha=w)
+        out.update(zip(batch, accs))
+        batch.clear()
+
+    for name, first in first_model.items():
         if not first.is_floating_point():
             out[name] = first.clone()
             continue
-        acc = first * p[0]
-        for m, w in zip(models[1:], p[1:]):
-            acc.add_(m[name], alpha=w)
-        out[name] = acc
-    return out
+        nbytes = first.numel() * first.element_size()
+        if batch and batch_bytes + nbytes > _BATCH_BYTES:
+            flush()
+            batch_bytes = 0
+        batch.append(name)
+        batch_bytes += nbytes
+    if batch:
+        flush()
+    return {name: out[name] for name in first_model}
 
 
 def server_step(theta: Tensors, avg: Tensors, velocity: Tensors, lr: float, momentum: float) -> tuple[Tensors, Tensors]:

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""fedadapt's deployment runtime on loopback, measured the way deploy_vs_flower.py measures Flower's.
+
+* Per-round overhead: a `fedadapt server start` process and N persistent client agents (spread over a
+  few processes, each agent with its own gRPC channel, session and task stream) whose recipe echoes the
+  global tensors back (no training), FedAvg on a 2.4k-parameter MLP. A round's period is the time
+  between consecutive round commits in the coordinator's database (configure, deliver, collect,
+  validate, aggregate, commit): all of it is framework overhead, clients' included. The coordinator's
+  CPU time per round (psutil) is its own share.
+* Upload throughput: one client pushes a P-byte payload (safetensors bytes, 3 MiB chunks, sha256 of the
+  whole computed by the sender and verified by the coordinator) to a running coordinator; timed from
+  before hashing to the coordinator's reply, median of repeats.
+
+    .venv/bin/python benchmarks/fedadapt_deploy.py overhead --clients 50 --rounds 30
+    .venv/bin/python benchmarks/fedadapt_deploy.py upload --mib 100 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+RUN_TOML = """
+name = "overhead"
+seed = 0
+rounds = {rounds}
+clients_per_round = {clients}
+[model]
+source = "mlp"
+hidden = [64]
+[adapter]
+kind = "full"
+[data]
+dataset = "synthetic"
+partition = "iid"
+num_clients = {clients}
+num_examples = {examples}
+[train]
+lr = 0.05
+local_steps = 1
+batch_size = 8
+[eval]
+every = 100000
+max_examples = 8
+[coordinator]
+min_clients = {clients}
+"""
+
+
+class EchoRecipe:
+    """Sends the global tensors straight back: the client does no work, so only the framework is timed."""
+
+    def prepare(self, model, task):
+        self.tensors = task.tensors
+
+    def train(self, model, data, task, privacy=None):
+        from fedadapt.strategies.base import ClientResult
+
+        return ClientResult("", 8, self.tensors, {"loss": 0.0})
+
+    def evaluate(self, model, data, task):
+        return {}
+
+
+def host_echo_clients(target: str, names: list[str], creds_root: Path) -> None:
+    """Run N echo ClientAgents in this process until SIGTERM (the client side of `overhead`)."""
+    from fedadapt.client.agent import ClientAgent
+    from fedadapt.client.credentials import load_credentials
+    from fedadapt.client.workload import Workload
+
+    agents = []
+    for name in names:
+        creds = load_credentials(creds_root / name)
+        agent = ClientAgent(target, creds, lambda spec: Workload(None, EchoRecipe(), [0] * 8), insecure=True,
+                            log=lambda msg: None)
+        agents.append(agent)
+        threading.Thread(target=agent.run, daemon=True).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("clients started", flush=True)
+    done.wait()
+    for a in agents:
+        a.stop()
+
+
+def overhead(clients: int, rounds: int, hosts: int) -> dict:
+    """Round period with `clients` echo clients spread over `hosts` processes, and the coordinator's own
+    CPU time per round (the part of the period that is the coordinator's work)."""
+    import psutil
+
+    from deploy import Deployment
+    from fedadapt.server.certs import token_credentials
+    from fedadapt.server.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        d = Deployment(root, f"sqlite:///{root / 'db.sqlite'}", tls=False)
+        names = [f"client-{i:03d}" for i in range(clients)]
+        with Store(d.db_url, d.data_dir) as store:
+            for name in names:
+                store.add_client(name, (token_credentials(root / "creds" / name, name) / "token").read_text().strip())
+        procs = []
+        try:
+            coord = d.start_coordinator()
+            for h in range(hosts):
+                procs.append(subprocess.Popen([sys.executable, __file__, "_echo", d.address, str(root / "creds"),
+                                               *names[h::hosts]], env=d.env, stdout=subprocess.PIPE, text=True))
+            for p in procs:
+                p.stdout.readline()
+            run_id = d.submit(RUN_TOML.format(rounds=rounds, clients=clients, examples=clients * 10))
+            cpu = psutil.Process(coord.p.pid)
+            d.wait_status(run_id, ("running",))
+            coord.wait_for("round 2 committed", timeout=300)
+            t0 = cpu.cpu_times()
+            coord.wait_for(f"round {rounds} committed", timeout=600)
+            t1 = cpu.cpu_times()
+            info = d.wait_status(run_id, ("finished", "failed"), timeout=60)
+            assert info["status"] == "finished", d.logs()
+            with Store(d.db_url, d.data_dir) as store:
+                stamps = store.commit_times(run_id)
+                records = [r for _, r in store.records(run_id)]
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+            d.close()
+    periods = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # from round 3: no first contact, no model build
+    coord_cpu = (t1.user + t1.system - t0.user - t0.system) / (rounds - 2)
+    return {"clients": clients, "client_processes": hosts, "rounds": rounds,
+            "round_period_ms": [p * 1000 for p in periods], "median_round_ms": statistics.median(periods) * 1000,
+            "coordinator_cpu_ms_per_round": coord_cpu * 1000,
+            "results_per_round": [len(r["clients"]) for r in records]}
+
+
+def upload(mib: int, repeats: int) -> dict:
+    import grpc
+
+    from deploy import Deployment
+    from fedadapt.client.credentials import load_credentials, metadata
+    from fedadapt.proto import fedadapt_pb2 as pb
+    from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+    from fedadapt.proto.chunks import describe, framed
+
+    payload = os.urandom(mib * 2**20)
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        d = Deployment(root, f"sqlite:///{root / 'db.sqlite'}", tls=False)
+        try:
+            creds = load_credentials(d.add_client("uploader"))
+            d.start_coordinator("--max-payload-mb", str(mib + 1))
+            md = metadata(creds)
+            with grpc.insecure_channel(d.address) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                session = stub.Join(pb.JoinRequest(capabilities_json="{}"), metadata=md, timeout=30).session
+                for i in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    header = pb.ResultHeader(session=session, run_id="benchmark", round=i + 1, num_examples=1,
+                                             metrics_json="{}", payload=describe(payload))
+                    reply = stub.PushResult(framed(pb.ResultPart, header, payload), metadata=md, timeout=120)
+                    elapsed = time.perf_counter() - t0
+                    # no run is active, so the verified payload is recorded LATE and dropped: only transfer counts
+                    assert reply.status == pb.PushReply.LATE, reply
+                    if i:  # the first push warms the channel
+                        times.append(elapsed)
+        finally:
+            d.close()
+    med = statistics.median(times)
+    return {"mib": mib, "repeats": repeats, "seconds": times, "median_s": med, "mb_per_s": mib * 2**20 / med / 1e6}
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_echo"]:
+        host_echo_clients(sys.argv[2], sys.argv[4:], Path(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--clients", type=int, default=50)
+    o.add_argument("--rounds", type=int, default=30)
+    o.add_argument("--hosts", type=int, default=5, help="client processes the agents are spread over")
+    u = sub.add_parser("upload")
+    u.add_argument("--mib", type=int, default=100)
+    u.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    result = overhead(args.clients, args.rounds, args.hosts) if args.what == "overhead" else upload(args.mib, args.repeats)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
