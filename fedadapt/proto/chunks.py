@@ -50,16 +50,17 @@ class Reassembler:
         self._filled = 0
         self._hash = hashlib.sha256()
         self._chunk_bytes = chunk_bytes
-        self._parts_left = header.size // chunk_bytes + 2  # no endless stream of empty chunks
+        self._empty_left = 1  # the header may ride with an empty chunk; an endless stream of them is refused
 
     @property
     def complete(self) -> bool:
         return self._filled == len(self._buf)
 
     def add(self, chunk: bytes) -> None:
-        self._parts_left -= 1
-        if self._parts_left < 0:
-            raise PayloadError("payload sent in more chunks than its size needs")
+        if not chunk:
+            self._empty_left -= 1
+            if self._empty_left < 0:
+                raise PayloadError("payload sent with more than one empty chunk")
         if len(chunk) > self._chunk_bytes:
             raise PayloadError(f"chunk of {len(chunk)} bytes exceeds the chunk limit of {self._chunk_bytes}")
         end = self._filled + len(chunk)

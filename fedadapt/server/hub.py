@@ -139,6 +139,9 @@ class ClientHub:
                 self._events.append(Event(s.name, msg.round, LATE, "arrived after its round closed",
                                           len(msg.payload)))
                 return self._count(LATE, f"round {msg.round} has closed")
+            held = self._early.get(s.name)
+            if held is not None and held.round == msg.round:  # the first upload per key stands
+                return self._count(DUPLICATE, "already received")
             self._early[s.name] = msg  # held until its round opens (one per client: bounded)
             return ACCEPTED, ""
 

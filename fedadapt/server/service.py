@@ -73,9 +73,21 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
         value = json.loads(text or "{}")
     except json.JSONDecodeError as exc:
         raise PayloadError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise PayloadError(f"{what} must be a JSON object")
     return value
+
+
+def _capabilities(text: str) -> dict[str, Any]:
+    """A client's declared capabilities; the ones the coordinator computes with are type-checked here,
+    so a hostile value is refused at Join instead of failing a round later."""
+    caps = _json_object(text, "capabilities_json")
+    n = caps.get("num_examples", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_EXAMPLES:
+        raise PayloadError(f"capabilities_json: num_examples must be an integer in [0, {MAX_EXAMPLES}]")
+    return caps
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -96,7 +108,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x-fedadapt-name metadata is missing")
         try:
-            caps = _json_object(request.capabilities_json, "capabilities_json")
+            caps = _capabilities(request.capabilities_json)
         except PayloadError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         s = self.hub.join(name, caps)
@@ -128,6 +140,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a result must start with its header")
         h = first.header
         s = self._session(h.session, context)
+        received = len(first.chunk)  # what a rejection records: the bytes that came, not the size announced
         try:
             if not 0 < h.num_examples <= MAX_EXAMPLES:
                 raise PayloadError(f"num_examples must be in [1, {MAX_EXAMPLES}], got {h.num_examples}")
@@ -137,10 +150,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for part in parts:
                 if part.HasField("header"):
                     raise PayloadError("a second header inside one upload")
+                received += len(part.chunk)
                 buf.add(part.chunk)
             payload = buf.result()
         except PayloadError as exc:
-            self.hub.record_event(Event(s.name, h.round, "rejected", str(exc), h.payload.size))
+            self.hub.record_event(Event(s.name, h.round, "rejected", str(exc), received))
             log.warning("rejected upload from %s for round %d: %s", s.name, h.round, exc)
             return pb.PushReply(status=pb.PushReply.REJECTED, reason=str(exc))
         status, reason = self.hub.submit(s, ResultMessage(s.name, h.round, h.num_examples, metrics, payload),
