@@ -412,16 +412,64 @@ def run_flower(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: f
 
 # --------------------------------------------------------------- fedadapt side
 
+def _fedadapt_deploy(args: list[str], timeout: float, pss_interval: float) -> tuple[dict, dict]:
+    """Run benchmarks/fedadapt_deploy.py with ``args`` under ``measure`` (its whole process tree: the
+    coordinator and the client processes); returns (measurement, the script's JSON result)."""
+    tag = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(prefix="dvf-fedadapt-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [str(REPO_ROOT / ".venv" / "bin" / "python"), str(BENCH_DIR / "fedadapt_deploy.py"), *args,
+               "--json", str(out)]
+        with open(Path(tmp) / "log", "wb") as lf:
+            m = measure(cmd, env={**os.environ, TAG_KEY: tag}, match_env=(TAG_KEY, tag), cwd=str(REPO_ROOT),
+                        timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, interval=0.25,
+                        pss_interval=pss_interval)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        if m["rc"] != 0:
+            m["log_tail"] = (Path(tmp) / "log").read_text(errors="replace")[-2500:]
+    return m, result
+
+
 def run_fedadapt(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: float | None = None,
                  keep_global: bool = False, *, timeout: float = 1800.0, min_free_gb: float = 3.0,
                  pss_interval: float = 1.0, keep_workdir: bool = False) -> dict:
-    """=== STUB: the fedadapt side (coordinator + ``nodes`` clients on loopback, same workload) ===
+    """One fedadapt deployment run: `fedadapt server start` + ``nodes`` persistent echo client agents
+    (benchmarks/fedadapt_deploy.py overhead), ``rounds`` rounds of FedAvg on a 2.4k-parameter MLP that
+    every client sends straight back. A round's time is the period between consecutive round commits in
+    the coordinator's database, from round 3 on (rounds 1-2 include first contact and model building).
+    There is no pull interval to tune: tasks are delivered on each client's open stream."""
+    res: dict = {"nodes": nodes, "rounds": rounds, "reply_bytes_each": 2436 * 4, "poll": "stream",
+                 "loadavg_1m_before": round(os.getloadavg()[0], 2)}
+    hosts = max(1, min(5, nodes // 10))  # client agents are spread over a few processes, as on a few machines
+    m, result = _fedadapt_deploy(["overhead", "--clients", str(nodes), "--rounds", str(rounds + 2),
+                                  "--hosts", str(hosts)], timeout, pss_interval)
+    res.update({k: m[k] for k in ("wall_s", "peak_rss_mb", "peak_pss_mb", "rc", "timed_out", "cpu_s",
+                                  "background_cores", "sampler_cpu_s")})
+    problems = [f"fedadapt_deploy.py exited {m['rc']}: {m.get('log_tail', '')[-400:]}"] if m["rc"] else []
+    periods = [ms / 1000 for ms in result.get("round_period_ms", [])]
+    if len(periods) != rounds or any(n != nodes for n in result.get("results_per_round", [])):
+        problems.append(f"round periods {len(periods)}, results per round {result.get('results_per_round')}")
+    if periods:
+        res.update({"round_s": [round(d, 4) for d in periods], "per_round_s": round(statistics.mean(periods), 4),
+                    "round_median_s": round(statistics.median(periods), 4),
+                    "coordinator_cpu_ms_per_round": round(result["coordinator_cpu_ms_per_round"], 1),
+                    "replies": result.get("results_per_round")})
+    res["ok"], res["problems"] = not problems, problems
+    log(f"[fedadapt] N={nodes} ok={res['ok']} round median {res.get('round_median_s')}s, coordinator CPU "
+        f"{res.get('coordinator_cpu_ms_per_round')} ms/round, peak RSS {res.get('peak_rss_mb')} MB")
+    return res
 
-    Must return the same keys as ``run_flower`` where they apply: ok, problems, wall_s,
-    peak_rss_mb, peak_pss_mb, cpu_s, background_cores, round_s, per_round_s, round_median_s,
-    replies, reply_bytes_each, so ``summarize_runs`` and ``upload_throughput`` work unchanged.
-    """
-    raise NotImplementedError("lead adds this")
+
+def fedadapt_upload(mib: float, repeats: int, timeout: float, pss_interval: float) -> dict:
+    """fedadapt's upload throughput, measured directly: one client pushes ``mib`` MiB (3 MiB chunks, sha256
+    of the whole checked by the coordinator) to a running coordinator; the median push time of ``repeats``."""
+    m, result = _fedadapt_deploy(["upload", "--mib", str(int(mib)), "--repeats", str(repeats)], timeout,
+                                 pss_interval)
+    if m["rc"] or not result:
+        return {"MBps": None, "reason": f"fedadapt_deploy.py exited {m['rc']}: {m.get('log_tail', '')[-400:]}"}
+    return {"MBps": round(result["mb_per_s"], 1), "median_s": round(result["median_s"], 4),
+            "seconds": result["seconds"], "peak_rss_mb": m["peak_rss_mb"], "background_cores": m["background_cores"],
+            "method": "direct: median time of one 100 MiB PushResult, hashing included"}
 
 
 # ------------------------------------------------------------------- scenarios
@@ -441,12 +489,18 @@ def summarize_runs(runs: list[dict]) -> dict:
             "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in ok),
             "peak_pss_mb_median": (statistics.median(r["peak_pss_mb"] for r in ok)
                                    if all(r.get("peak_pss_mb") for r in ok) else None),
-            "idle_rss_mb_median": statistics.median(r["idle_memory"]["rss_mb"] for r in ok),
-            "startup_s_median": statistics.median(r["startup_s"] for r in ok),
+            "idle_rss_mb_median": _median_of(r.get("idle_memory", {}).get("rss_mb") for r in ok),
+            "startup_s_median": _median_of(r.get("startup_s") for r in ok),
             "cpu_s_median": statistics.median(r["cpu_s"] for r in ok),
             "background_cores_max": max((r.get("background_cores") or 0) for r in ok),
         })
     return out
+
+
+def _median_of(values) -> float | None:
+    """Median of what was measured (fedadapt's runs have no separate start-up or idle phase)."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
 
 
 def upload_throughput(tiny: dict, big: dict, nodes: int, reply_bytes: int) -> dict:
@@ -483,7 +537,11 @@ def run_side(runner, args, side: str) -> dict:
                     out["overhead"][key][str(n)]["infeasible_reason"] = reasons
                     log(f"[{side}] N={n} failed ({reasons}); not trying larger N for {key}")
                     break
-    if args.only in (None, "upload"):
+    if args.only in (None, "upload") and side == "fedadapt":
+        log(f"[fedadapt] upload of {args.upload_mib:g} MiB, {args.repeats * 5} pushes")
+        out["upload"] = {"reply_mib": args.upload_mib, "throughput": fedadapt_upload(
+            args.upload_mib, args.repeats * 5, args.timeout, args.pss_interval)}
+    elif args.only in (None, "upload"):
         poll = None if args.upload_poll == "stock" else float(args.upload_poll)
         n, big_floats = 2, int(args.upload_mib * MIB) // 4
         runs_t, runs_b = [], []
@@ -550,7 +608,7 @@ def render(sides: dict) -> str:
                 lines.append(f"| {side} | overhead {key} | {n} | {s['ok_runs']}/{s['runs']} | "
                              f"{s['per_round_s_median']:.2f} | {s['round_median_s']:.2f} | "
                              f"{s['round_min_s']:.2f}-{s['round_max_s']:.2f} | {s['peak_rss_mb_median']:.0f} | "
-                             f"{s['peak_pss_mb_median'] or 0:.0f} | {s['idle_rss_mb_median']:.0f} | "
+                             f"{s['peak_pss_mb_median'] or 0:.0f} | {_mb(s['idle_rss_mb_median'])} | "
                              f"{s['background_cores_max']} |")
         up = d.get("upload") or {}
         for which in ("tiny", "big"):
@@ -561,15 +619,50 @@ def render(sides: dict) -> str:
                     lines.append(f"| {side} | {label} | {up['nodes']} | {s['ok_runs']}/{s['runs']} | "
                                  f"{s['per_round_s_median']:.2f} | {s['round_median_s']:.2f} | "
                                  f"{s['round_min_s']:.2f}-{s['round_max_s']:.2f} | {s['peak_rss_mb_median']:.0f} | "
-                                 f"{s['peak_pss_mb_median'] or 0:.0f} | {s['idle_rss_mb_median']:.0f} | "
+                                 f"{s['peak_pss_mb_median'] or 0:.0f} | {_mb(s['idle_rss_mb_median'])} | "
                                  f"{s['background_cores_max']} |")
                 else:
                     lines.append(f"| {side} | {label} | {up['nodes']} | 0/{s['runs']} | failed |||||| |")
         if up.get("throughput"):
             t = up["throughput"]
-            lines.append(f"| {side} | **upload throughput** | {up['nodes']} | | "
-                         f"**{t.get('MBps')} MB/s** ({t.get('bytes_per_round', 0) / 1e6:.0f} MB in "
-                         f"{t.get('extra_s')} s extra per round) ||||||| ")
+            how = (f"{t.get('median_s')} s per push" if "median_s" in t else
+                   f"{t.get('bytes_per_round', 0) / 1e6:.0f} MB in {t.get('extra_s')} s extra per round")
+            lines.append(f"| {side} | **upload throughput** | {up.get('nodes', 1)} | | "
+                         f"**{t.get('MBps')} MB/s** ({how}) ||||||| ")
+    return "\n".join(lines) + "\n\n" + render_ratios(sides)
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def raw_socket_mbps() -> float | None:
+    """The raw loopback baseline measured by benchmarks/loopback_socket.py, if it has been run."""
+    path = BENCH_DIR / "results" / "loopback_socket.json"
+    return json.loads(path.read_text()).get("MBps_median") if path.exists() else None
+
+
+def render_ratios(sides: dict) -> str:
+    """fedadapt against Flower per N (round time), and both uploads against a raw loopback socket."""
+    fa, fl = sides.get("fedadapt", {}), sides.get("Flower 1.42", {})
+    lines = ["| N clients | fedadapt round median (s) | fedadapt coordinator CPU per round (ms) | "
+             "Flower round median (s) | Flower / fedadapt |", "|---|---|---|---|---|"]
+    fa_over = next(iter(fa.get("overhead", {}).values()), {})
+    for key, per_n in fl.get("overhead", {}).items():
+        for n, e in per_n.items():
+            mine, theirs = fa_over.get(n, {}).get("summary", {}), e["summary"]
+            if mine.get("ok_runs") and theirs.get("ok_runs"):
+                cpu = statistics.median(r["coordinator_cpu_ms_per_round"] for r in fa_over[n]["runs"] if r.get("ok"))
+                lines.append(f"| {n} ({key}) | {mine['round_median_s']:.3f} | {cpu:.0f} | "
+                             f"{theirs['round_median_s']:.2f} | {theirs['round_median_s'] / mine['round_median_s']:.0f}x |")
+    raw = raw_socket_mbps()
+    up = [(side, d.get("upload", {}).get("throughput", {}).get("MBps")) for side, d in sides.items()]
+    lines += ["", "| upload of 100 MiB | MB/s | raw loopback socket / this |", "|---|---|---|"]
+    for side, mbps in up:
+        if mbps:
+            lines.append(f"| {side} | {mbps} | {raw / mbps:.2f}x |" if raw else f"| {side} | {mbps} | - |")
+    if raw:
+        lines.append(f"| raw loopback socket (benchmarks/loopback_socket.py) | {raw} | 1.00x |")
     return "\n".join(lines)
 
 

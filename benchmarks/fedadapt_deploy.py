@@ -13,6 +13,8 @@
 
     .venv/bin/python benchmarks/fedadapt_deploy.py overhead --clients 50 --rounds 30
     .venv/bin/python benchmarks/fedadapt_deploy.py upload --mib 100 --repeats 5
+
+benchmarks/deploy_vs_flower.py runs this side by side with Flower's deployment runtime.
 """
 
 from __future__ import annotations
@@ -195,8 +197,12 @@ def main() -> None:
     u = sub.add_parser("upload")
     u.add_argument("--mib", type=int, default=100)
     u.add_argument("--repeats", type=int, default=5)
+    for p in (o, u):
+        p.add_argument("--json", type=Path, help="also write the whole result (with per-round lists) here")
     args = ap.parse_args()
     result = overhead(args.clients, args.rounds, args.hosts) if args.what == "overhead" else upload(args.mib, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 

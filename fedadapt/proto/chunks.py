@@ -46,7 +46,8 @@ class Reassembler:
         if len(header.sha256) != 32:
             raise PayloadError("payload header has no valid sha256 digest")
         self._expected = header.sha256
-        self._buf = bytearray(header.size)
+        self._size = header.size
+        self._chunks: list[bytes] = []  # joined once at the end: one copy of the payload, not two
         self._filled = 0
         self._hash = hashlib.sha256()
         self._chunk_bytes = chunk_bytes
@@ -54,7 +55,7 @@ class Reassembler:
 
     @property
     def complete(self) -> bool:
-        return self._filled == len(self._buf)
+        return self._filled == self._size
 
     def add(self, chunk: bytes) -> None:
         if not chunk:
@@ -64,16 +65,18 @@ class Reassembler:
         if len(chunk) > self._chunk_bytes:
             raise PayloadError(f"chunk of {len(chunk)} bytes exceeds the chunk limit of {self._chunk_bytes}")
         end = self._filled + len(chunk)
-        if end > len(self._buf):
-            raise PayloadError(f"payload overflows its announced size of {len(self._buf)} bytes")
-        self._buf[self._filled:end] = chunk
+        if end > self._size:
+            raise PayloadError(f"payload overflows its announced size of {self._size} bytes")
+        self._chunks.append(chunk)
         self._hash.update(chunk)
         self._filled = end
 
     def result(self) -> bytes:
         """The verified payload; raises if it is short or its digest does not match."""
         if not self.complete:
-            raise PayloadError(f"payload truncated: {self._filled} of {len(self._buf)} bytes arrived")
+            raise PayloadError(f"payload truncated: {self._filled} of {self._size} bytes arrived")
         if self._hash.digest() != self._expected:
             raise PayloadError("payload corrupted: sha256 does not match its header")
-        return bytes(self._buf)
+        data = b"".join(self._chunks)
+        self._chunks = []
+        return data

@@ -95,6 +95,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.hub = hub
         self.authenticate = authenticate
         self.max_payload_bytes = max_payload_bytes
+        self._described: tuple[bytes, pb.Payload] | None = None  # the broadcast payload and its header
+
+    def _describe(self, payload: bytes) -> pb.Payload:
+        """Size and sha256 of a task payload, hashed once per broadcast (every client of a round gets the
+        same bytes object), not once per client."""
+        last = self._described
+        if last is None or last[0] is not payload:
+            last = self._described = (payload, describe(payload))
+        return last[1]
 
     def _session(self, session_id: str, context: grpc.ServicerContext):
         name = _identity(context, self.authenticate, self.hub)
@@ -128,7 +137,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     continue
                 header = pb.TaskHeader(run_id=self.hub.run_id, round=task.round, kind=task.kind,
                                        config_json=json.dumps(task.config), run_spec_json=self.hub.run_spec_json,
-                                       payload=describe(task.payload))
+                                       payload=self._describe(task.payload))
                 yield from framed(pb.TaskPart, header, task.payload)
         finally:
             self.hub.detach(s)
