@@ -13,6 +13,7 @@
 
     .venv/bin/python benchmarks/fedadapt_deploy.py overhead --clients 50 --rounds 30
     .venv/bin/python benchmarks/fedadapt_deploy.py upload --mib 100 --repeats 5
+    .venv/bin/python benchmarks/fedadapt_deploy.py grpc-ceiling --mib 100 --repeats 5   # grpcio alone
 
 benchmarks/deploy_vs_flower.py runs this side by side with Flower's deployment runtime.
 """
@@ -184,9 +185,60 @@ def upload(mib: int, repeats: int) -> dict:
     return {"mib": mib, "repeats": repeats, "seconds": times, "median_s": med, "mb_per_s": mib * 2**20 / med / 1e6}
 
 
+def serve_sink() -> None:
+    """A bare gRPC server that counts the bytes of a client stream (the child side of `grpc-ceiling`)."""
+    from concurrent import futures
+
+    import grpc
+
+    def sink(parts, context):
+        return sum(len(p) for p in parts).to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Sink", {"Up": grpc.stream_unary_rpc_method_handler(sink)})  # raw bytes: no protobuf
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    server.wait_for_termination()
+
+
+def grpc_ceiling(mib: int, repeats: int) -> dict:
+    """What grpcio itself moves on this machine: the same bytes in the same 3 MiB chunks from a client to a
+    server process, with no protobuf, no hashing and no checks. fedadapt's upload cannot beat this."""
+    import grpc
+
+    from fedadapt.proto.chunks import CHUNK_BYTES
+
+    payload = os.urandom(mib * 2**20)
+    view = memoryview(payload)
+    sink = subprocess.Popen([sys.executable, __file__, "_sink"], stdout=subprocess.PIPE, text=True)
+    times = []
+    try:
+        port = int(sink.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            up = channel.stream_unary("/bench.Sink/Up")
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                got = up(bytes(view[s:s + CHUNK_BYTES]) for s in range(0, len(payload), CHUNK_BYTES))
+                elapsed = time.perf_counter() - t0
+                assert int.from_bytes(got, "little") == len(payload)
+                if i:
+                    times.append(elapsed)
+    finally:
+        sink.terminate()
+        sink.wait(timeout=30)
+    med = statistics.median(times)
+    return {"mib": mib, "repeats": repeats, "seconds": times, "median_s": med, "mb_per_s": mib * 2**20 / med / 1e6}
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_echo"]:
         host_echo_clients(sys.argv[2], sys.argv[4:], Path(sys.argv[3]))
+        return
+    if sys.argv[1:2] == ["_sink"]:
+        serve_sink()
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -197,10 +249,16 @@ def main() -> None:
     u = sub.add_parser("upload")
     u.add_argument("--mib", type=int, default=100)
     u.add_argument("--repeats", type=int, default=5)
-    for p in (o, u):
+    g = sub.add_parser("grpc-ceiling")
+    g.add_argument("--mib", type=int, default=100)
+    g.add_argument("--repeats", type=int, default=5)
+    for p in (o, u, g):
         p.add_argument("--json", type=Path, help="also write the whole result (with per-round lists) here")
     args = ap.parse_args()
-    result = overhead(args.clients, args.rounds, args.hosts) if args.what == "overhead" else upload(args.mib, args.repeats)
+    if args.what == "overhead":
+        result = overhead(args.clients, args.rounds, args.hosts)
+    else:
+        result = (upload if args.what == "upload" else grpc_ceiling)(args.mib, args.repeats)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))

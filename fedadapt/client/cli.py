@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     start.add_argument("--model", help="where the run's base model is on this machine (HF directory)")
     start.add_argument("--max-payload-mb", type=int, default=256, help="largest task accepted (default 256)")
     start.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    start.add_argument("--max-lora-rank", type=int, default=0,
+                       help="the largest LoRA rank this machine trains (FLoRA, zeropad: caps the run's rank)")
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -45,7 +47,8 @@ def dispatch(args: argparse.Namespace) -> int:
     def make_workload(spec):
         return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model)
 
-    agent = ClientAgent(args.coordinator, creds, make_workload, insecure=args.insecure,
+    capabilities = {"max_lora_rank": args.max_lora_rank} if args.max_lora_rank > 0 else {}
+    agent = ClientAgent(args.coordinator, creds, make_workload, insecure=args.insecure, capabilities=capabilities,
                         max_payload_bytes=args.max_payload_mb * 1024 * 1024,
                         log=lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True))
     for sig in (signal.SIGTERM, signal.SIGINT):

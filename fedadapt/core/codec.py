@@ -7,7 +7,7 @@ dtypes, shapes) and finiteness. Only then do tensors reach a strategy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +23,12 @@ ALLOWED_DTYPES = FLOAT_DTYPES | {torch.int8, torch.uint8, torch.int16, torch.int
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One entry of a payload contract."""
+    """One entry of a payload contract. `check` is the strategy's own test of the values (e.g. "is a
+    permutation"): it returns why the tensor is invalid, or None."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    check: Callable[[torch.Tensor], str | None] | None = None
 
 
 Contract = Mapping[str, TensorSpec]
@@ -85,6 +87,8 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], contract: Contract | None
             raise PayloadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(spec.shape)}")
         if t.dtype != spec.dtype:
             raise PayloadError(f"tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}")
+        if spec.check is not None and (reason := spec.check(t)):
+            raise PayloadError(f"tensor {name!r} {reason}")
 
 
 def payload_size(tensors: Mapping[str, torch.Tensor]) -> int:

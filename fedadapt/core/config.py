@@ -28,11 +28,14 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = "lora"  # "lora": LoRA on target_modules + task head; "full": every parameter
+    kind: str = "lora"  # "lora": LoRA on target_modules + task head; "full": every parameter;
+    # "supermask": frozen random weights whose edges are masked by trained scores (FRL) -- every layer of
+    # an mlp, or frozen random LoRA factors (rank > 0) and the head of a text model
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    keep: float = 0.5  # supermask: fraction of each layer's edges the mask keeps (k)
 
 
 @dataclass
@@ -85,6 +88,48 @@ class CoordinatorConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated malicious clients (simulation/attacks.py); chosen from the seed, the same every round."""
+
+    kind: str = "none"  # none | label-flip | sign-flip | scale | random | reverse-ranking
+    fraction: float = 0.0  # share of all clients that are malicious
+    scale: float = 1.0  # sign-flip: send -scale x the honest update; scale: scale x; random: noise std
+
+
+ATTACK_KINDS = ("none", "label-flip", "sign-flip", "scale", "random", "reverse-ranking")
+
+
+AVAILABILITY_PATTERNS = ("always", "bernoulli", "markov", "cyclic")
+AVAILABILITY_PROBABILITIES = ("labels", "dirichlet", "uniform")
+
+
+@dataclass
+class AvailabilityConfig:
+    """Which virtual clients answer in each round (simulation/availability.py). Client n is available a
+    long-run fraction p_n of the rounds; the strategies never see p_n (except FedAU's "known" oracle)."""
+
+    pattern: str = "always"  # always | bernoulli (each round independently) | markov (on/off chain) | cyclic
+    probabilities: str = "labels"  # how p_n is drawn: labels (class-wise Dirichlet weights mixed by the
+    # client's label mix, as FedAU's paper) | dirichlet (per client) | uniform (every p_n = mean)
+    mean: float = 0.1  # average p_n before the floor
+    floor: float = 0.02  # smallest p_n
+    alpha: float = 0.1  # Dirichlet concentration for `probabilities`
+    markov_rate: float = 0.05  # markov: largest probability of turning available from one round to the next
+    period: int = 100  # cyclic: rounds per cycle; a client is available for a block of about p_n * period
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("pattern", self.pattern, AVAILABILITY_PATTERNS),
+                                    ("probabilities", self.probabilities, AVAILABILITY_PROBABILITIES)):
+            if value not in allowed:
+                raise ConfigError(f"config key 'availability.{key}' must be one of {', '.join(allowed)}; got {value!r}")
+        for key, value in (("mean", self.mean), ("floor", self.floor), ("markov_rate", self.markov_rate)):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"config key 'availability.{key}' must be in (0, 1], got {value}")
+        if not self.alpha > 0 or self.period < 2:
+            raise ConfigError("config keys 'availability.alpha' must be > 0 and 'availability.period' >= 2")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -96,6 +141,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +255,8 @@ def check_values(cfg: RunConfig) -> None:
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
     choices = {
-        "adapter.kind": (cfg.adapter.kind, ("lora", "full")),
+        "adapter.kind": (cfg.adapter.kind, ("lora", "full", "supermask")),
+        "attack.kind": (cfg.attack.kind, ATTACK_KINDS),
         "data.partition": (cfg.data.partition, ("natural", "iid", "dirichlet")),
         "train.optimizer": (cfg.train.optimizer, ("sgd", "adam", "adamw")),
     }
@@ -217,6 +265,15 @@ def check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
     if cfg.adapter.kind == "lora" and cfg.adapter.rank <= 0:
         raise ConfigError(f"config key 'adapter.rank' must be positive, got {cfg.adapter.rank}")
+    if cfg.adapter.kind == "supermask" and cfg.adapter.rank < 0:
+        raise ConfigError(f"config key 'adapter.rank' must be >= 0 (0: supermask the head only), "
+                          f"got {cfg.adapter.rank}")
+    if not 0.0 < cfg.adapter.keep <= 1.0:
+        raise ConfigError(f"config key 'adapter.keep' must be in (0, 1], got {cfg.adapter.keep}")
+    if not 0.0 <= cfg.attack.fraction <= 1.0:
+        raise ConfigError(f"config key 'attack.fraction' must be in [0, 1], got {cfg.attack.fraction}")
+    if cfg.attack.scale < 0:
+        raise ConfigError(f"config key 'attack.scale' must be >= 0, got {cfg.attack.scale}")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
     c = cfg.coordinator

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fedadapt.core import codec
 from fedadapt.core.errors import PayloadError
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, ServerStrategy
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, ServerStrategy, Task
 
 MAX_EXAMPLES = 10**9  # a client reporting more is lying or broken; it would dominate the weights
 
@@ -96,12 +96,11 @@ class RoundEngine:
 
         replies = self.transport.run(messages, timeout=self.round_timeout)
         bytes_up = sum(len(r.payload) for r in replies)
-        contract = self.strategy.upload_contract(self.state)
         accepted: list[ClientResult] = []
         rejected: dict[str, str] = {}
         for reply in replies:
             try:
-                accepted.append(self._accept(reply, rnd, tasks.keys(), contract, {r.client_id for r in accepted}))
+                accepted.append(self._accept(reply, rnd, tasks, {r.client_id for r in accepted}))
             except PayloadError as exc:
                 rejected[reply.client_id] = str(exc)
 
@@ -130,7 +129,7 @@ class RoundEngine:
         record.seconds = time.perf_counter() - start
         return record
 
-    def _accept(self, reply: ResultMessage, rnd: int, asked, contract, seen: set[str]) -> ClientResult:
+    def _accept(self, reply: ResultMessage, rnd: int, asked: dict[str, Task], seen: set[str]) -> ClientResult:
         if reply.client_id not in asked:
             raise PayloadError(f"client {reply.client_id!r} was not asked to train in round {rnd}")
         if reply.client_id in seen:
@@ -140,7 +139,18 @@ class RoundEngine:
         n = reply.num_examples
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")
+        contract = self.strategy.task_contract(self.state, asked[reply.client_id])  # per client: shapes may vary
         tensors = codec.decode(reply.payload, contract=contract, max_bytes=self.max_payload_bytes)
-        metrics = {k: float(v) for k, v in reply.metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        metrics = {k: v for k, v in ((k, _as_finite_float(v)) for k, v in reply.metrics.items()) if v is not None}
         return ClientResult(reply.client_id, n, tensors, metrics)
+
+
+def _as_finite_float(v: Any) -> float | None:
+    """A client-reported metric as a finite float, or None (strings, bools, NaN, and ints too big for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from fedadapt.client.workload import run_spec
 from fedadapt.core import codec
 from fedadapt.core.config import RunConfig, load_config_text
-from fedadapt.core.errors import FedadaptError
+from fedadapt.core.errors import ConfigError, FedadaptError
 from fedadapt.core.rng import derive_seed
 from fedadapt.data.tasks import input_dim, load_task
 from fedadapt.models.build import build_model
@@ -49,6 +49,7 @@ class RunManager:
     # ------------------------------------------------------------------ Control API
     def submit(self, config_toml: str) -> pb.RunInfo:
         cfg = load_config_text(config_toml, source="submitted config")
+        _check_deployable(cfg)
         build(cfg.strategy, _settings(cfg))  # strategy options are checked now, not when the run starts
         run_id = self.store.create_run(cfg.name, config_toml, cfg.rounds)
         log.info("run %s (%s) queued", run_id, cfg.name)
@@ -137,6 +138,7 @@ class RunManager:
         self._notify()
         try:
             cfg = load_config_text(row.config_toml, source=f"run {run_id}")
+            _check_deployable(cfg)  # a run queued before this check existed fails rather than runs unattacked
             self._rounds(run_id, cfg)
         except RunStopped:
             log.info("run %s stopped", run_id)
@@ -163,7 +165,10 @@ class RunManager:
         loaded = build_model(cfg, task.train.num_classes, width)
         model = loaded.model
         spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        strategy, recipe = build(cfg.strategy, _settings(cfg))
+        # N for strategies that divide by all clients (FedAU): the clients registered when the run starts;
+        # a resumed run keeps the N it started with (strategies persist it in their state)
+        registered = sum(c.revoked_at is None for c in self.store.list_clients())
+        strategy, recipe = build(cfg.strategy, _settings(cfg, registered))
         eval_set = loaded.featurize(task.test.features, task.test.labels).sample(
             cfg.eval.max_examples, derive_seed(cfg.seed, "eval"))
 
@@ -234,8 +239,15 @@ class RunManager:
                           model_path=str(path) if path else "")
 
 
-def _settings(cfg: RunConfig) -> RunSettings:
-    return RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round, dataclasses.asdict(cfg.train))
+def _check_deployable(cfg: RunConfig) -> None:
+    """Refuse what only the simulator can do: a coordinator has no malicious clients to enable."""
+    if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
+        raise ConfigError(f"[attack] (kind {cfg.attack.kind!r}, fraction {cfg.attack.fraction:g}) is a simulation "
+                          "feature (fedadapt simulate); a coordinator cannot run it: remove the [attack] section")
+
+
+def _settings(cfg: RunConfig, num_clients: int = 0) -> RunSettings:
+    return RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round, dataclasses.asdict(cfg.train), num_clients)
 
 
 def _iso(t) -> str:

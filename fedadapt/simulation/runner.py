@@ -28,6 +28,9 @@ from fedadapt.models.adapters import load_adapter_state
 from fedadapt.server.engine import RoundEngine, RoundRecord
 from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
 
+from . import availability
+from .attacks import choose_malicious, poison_data, with_attack
+from .availability import AvailabilityTransport
 from .scenario import build_scenario
 from .transport import InProcessTransport
 from .wire import grpc_transport
@@ -45,9 +48,20 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
     model = sc.loaded.model
     spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     strategy, recipe = build(cfg.strategy, RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round,
-                                                       dataclasses.asdict(cfg.train)))
+                                                       dataclasses.asdict(cfg.train), len(sc.clients)))
     per_round = min(cfg.clients_per_round, len(sc.clients))
     n_train = sum(len(f) for f in sc.clients.values())
+    malicious = choose_malicious(sc.clients, cfg.attack, cfg.seed)
+    clients = poison_data(sc.clients, malicious, cfg.attack, sc.task.train.num_classes)
+    if malicious:
+        console.print(f"attack {cfg.attack.kind}: {len(malicious)} of {len(sc.clients)} clients are malicious")
+    avail = availability.from_config(cfg.availability, cfg.seed, {cid: f.labels for cid, f in sc.clients.items()},
+                                     sc.task.train.num_classes)
+    if hasattr(strategy, "known_probabilities"):  # FedAU's oracle: P(available) x P(sampled)
+        strategy.known_probabilities = {cid: avail.rate(cid) * per_round / len(sc.clients) for cid in sc.clients}
+    if cfg.availability.pattern != "always":
+        console.print(f"availability {cfg.availability.pattern}: mean p {sum(avail.p.values()) / len(avail.p):.3f}, "
+                      f"min {min(avail.p.values()):.3f}, max {max(avail.p.values()):.3f}")
     console.print(f"[bold]{cfg.name}[/]: {len(sc.clients)} clients ({n_train} training examples), "
                   f"{per_round} per round, {cfg.rounds} rounds, strategy {strategy.name}, "
                   f"{sum(v.numel() for v in spec.initial.values()):,} adapter parameters "
@@ -68,16 +82,20 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
     done = lambda cid: progress.advance(bar)  # noqa: E731
     if transport == "grpc":
         spec_json = json.dumps(run_spec(cfg, sc.task.train.label_names, input_dim(sc.task)))
-        wire = grpc_transport(model, recipe, sc.clients, spec_json, on_client_done=done)
+        wire = grpc_transport(model, recipe, clients, spec_json, on_client_done=done)
     else:
-        wire = nullcontext(InProcessTransport(model, recipe, sc.clients, on_client_done=done))
+        wire = nullcontext(InProcessTransport(model, recipe, clients, on_client_done=done))
 
     def on_round(rec: RoundRecord) -> None:
-        metrics_file.write(json.dumps(dataclasses.asdict(rec)) + "\n")
+        bad = len(malicious.intersection(rec.per_client))  # malicious clients that took part
+        available = avail.count(rec.round)  # clients available this round; rec.clients took part
+        metrics_file.write(json.dumps({**dataclasses.asdict(rec), "malicious": bad, "available": available}) + "\n")
         metrics_file.flush()
         acc = "" if rec.accuracy is None else f"  accuracy {rec.accuracy:.3f}"
         loss = "" if rec.loss is None else f"  loss {rec.loss:.4f}"
         note = f"  [red]skipped: {rec.skipped}[/]" if rec.skipped else ""
+        note += f"  malicious {bad}/{len(rec.per_client)}" if malicious else ""
+        note += f"  available {available}, took part {len(rec.clients)}" if cfg.availability.pattern != "always" else ""
         console.print(f"round {rec.round:>3}/{cfg.rounds}{loss}{acc}  up {_mb(rec.bytes_up)}  "
                       f"down {_mb(rec.bytes_down)}  {rec.seconds:.1f}s{note}")
         progress.reset(bar, total=per_round, rnd=min(rec.round + 1, cfg.rounds), rounds=cfg.rounds)
@@ -85,7 +103,9 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
     train_start = time.perf_counter()
     with wire as carrier, progress:
         c = cfg.coordinator
-        engine = RoundEngine(strategy, carrier, spec, min_results=c.min_results, round_timeout=c.round_timeout or None,
+        carrier = AvailabilityTransport(carrier, avail) if cfg.availability.pattern != "always" else carrier
+        engine = RoundEngine(strategy, with_attack(carrier, cfg.attack, malicious, cfg.seed), spec,
+                             min_results=c.min_results, round_timeout=c.round_timeout or None,
                              evaluate=lambda s: evaluate_on(sc.eval_subset, s), eval_every=cfg.eval.every)
         state = engine.run(cfg.rounds, on_round)
     metrics_file.close()
@@ -100,6 +120,7 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
         "loss": final["loss"],
         "test_examples": len(sc.test),
         "majority_baseline": _majority(sc.clients, sc.test.labels),
+        "malicious_clients": len(malicious),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t0,
     }

@@ -70,6 +70,7 @@ class ServerStrategy(Protocol):
     def init_state(self, spec: ModelSpec) -> GlobalState: ...
     def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[ClientId, Task]: ...
     def upload_contract(self, state: GlobalState) -> Contract: ...
+    def task_contract(self, state: GlobalState, task: Task) -> Contract: ...
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, d: dict[str, Any]) -> None: ...
@@ -89,6 +90,7 @@ class RunSettings:
     rounds: int
     clients_per_round: int
     train: dict[str, Any]  # the client's local-training config (core.config.TrainConfig as a dict)
+    num_clients: int = 0  # clients the run knows of (virtual clients; registered on a coordinator); 0: unknown
 
 
 def sample_clients(clients: list[ClientInfo], k: int, seed: int, rnd: int) -> list[ClientInfo]:
@@ -159,6 +161,9 @@ def recipe_for(name: str) -> ClientRecipe:
 
 def _load_builtin() -> None:
     from . import fedavg  # noqa: F401  (registers itself)
+    from . import frl, median  # noqa: F401
+    from . import fedsb, flora, zeropad  # noqa: F401
+    from . import fedau  # noqa: F401
 
 
 class StrategyBase:
@@ -174,6 +179,11 @@ class StrategyBase:
     def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[ClientId, Task]:
         chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
         return {c.client_id: train_task(self.settings, rnd, c.client_id, state.tensors) for c in chosen}
+
+    def task_contract(self, state: GlobalState, task: Task) -> Contract:
+        """What the client given `task` must send back. The same for every client unless a strategy's
+        uploads vary per client (e.g. FLoRA's per-client rank, which the task states)."""
+        return self.upload_contract(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # tensors of the strategy live in GlobalState.aux

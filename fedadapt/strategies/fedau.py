@@ -1,0 +1,165 @@
+"""FedAU (ALGORITHMS.md §2): FedAvg that weights each participant by an online estimate of 1/p_n, the mean
+interval between its participations, and divides by the total number of clients N.
+
+    theta <- theta + eta_g * (1/N) * sum_{n in S_t} w_n (theta_n - theta)
+
+The server learns participation only from which valid results reached `aggregate`; nothing is sent besides
+FedAvg's payload. Per client it keeps c_n (absent rounds since the last recorded interval), M_n (intervals
+recorded) and their sum (Omega_n = sum / M_n), as int64 tensors in GlobalState.aux, so they are part of every
+round's atomic commit and a restarted coordinator continues with exactly the same weights.
+
+The spec updates every client in every round. Here a client's entry is brought up to date only when it
+takes part (`advance`): its absent rounds since then follow from the round numbers alone, and K-cutoffs
+from integer division, so the result is identical (tests/test_fedau.py checks it against a literal per-round
+version), the server need not know who the absent clients are, and a round the engine skipped counts as
+absent for everyone.
+
+`participation_weights` and `server_update` are the whole method; any strategy whose payload is aggregated
+by a weighted sum (LoRA factors, Fed-SB's R, full parameters) can call them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from fedadapt.core.codec import Contract, contract_of
+from fedadapt.core.errors import ConfigError
+
+from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Tensors, register
+from .fedavg import FedAvgRecipe, weighted_average
+
+WEIGHTINGS = ("fedau", "participating", "all", "known")
+CLIENT_PREFIX = "fedau/client/"  # + client id -> int64 [last round, c, M, sum of intervals]
+NUM_CLIENTS = "fedau/num_clients"  # N, fixed when the run starts
+
+
+class Entry(NamedTuple):
+    """One client's estimator state after processing round `last` (0: before the first round)."""
+
+    last: int = 0
+    c: int = 0  # consecutive absent rounds not yet recorded as an interval
+    m: int = 0  # number of recorded intervals
+    total: int = 0  # sum of recorded intervals; Omega = total / m
+
+    @property
+    def omega(self) -> float:
+        return self.total / self.m if self.m else 1.0
+
+
+def advance(e: Entry, rnd: int, cutoff: int) -> Entry:
+    """`e` after the rounds e.last+1 .. rnd-1, in which the client was absent: each absent round adds 1 to c,
+    and with a cutoff K every time c reaches K an interval of length K is recorded and c restarts at 0."""
+    c, m, total = e.c + max(0, rnd - 1 - e.last), e.m, e.total
+    if cutoff:
+        closed, c = divmod(c, cutoff)
+        m, total = m + closed, total + closed * cutoff
+    return Entry(max(e.last, rnd - 1), c, m, total)
+
+
+def participate(e: Entry, rnd: int, cutoff: int) -> tuple[float, Entry]:
+    """The weight of a client taking part in round `rnd`, and its entry afterwards.
+
+    The weight is read BEFORE the interval this participation closes is recorded, so it depends only on
+    earlier rounds (E[w I] = w p); the first participation has weight 1."""
+    e = advance(e, rnd, cutoff)
+    return e.omega, Entry(rnd, 0, e.m + 1, e.total + e.c + 1)
+
+
+def participation_weights(aux: Tensors, rnd: int, clients: list[str], cutoff: int) -> tuple[list[float], Tensors]:
+    """FedAU weights of `clients` (those whose results arrived in round `rnd`) and the updated aux."""
+    aux = dict(aux)
+    weights = []
+    for cid in clients:
+        old = aux.get(CLIENT_PREFIX + cid)
+        w, e = participate(Entry(*old.tolist()) if old is not None else Entry(), rnd, cutoff)
+        weights.append(w)
+        aux[CLIENT_PREFIX + cid] = torch.tensor(e, dtype=torch.int64)
+    return weights, aux
+
+
+def entries(aux: Tensors, rnd: int, cutoff: int) -> dict[str, Entry]:
+    """Every tracked client's estimator state after round `rnd` (for reports and tests)."""
+    return {k[len(CLIENT_PREFIX):]: advance(Entry(*v.tolist()), rnd + 1, cutoff)
+            for k, v in aux.items() if k.startswith(CLIENT_PREFIX)}
+
+
+def server_update(theta: Tensors, models: list[Tensors], weights: list[float], divisor: float,
+                  lr: float) -> Tensors:
+    """theta + lr * sum_k (w_k / divisor) (models_k - theta), as one `weighted_average` of the models and theta.
+
+    theta's coefficient 1 - lr * sum(w) / divisor is exactly 0 when the weights sum to the divisor at lr 1
+    (fsum of small integers is exact); theta is then left out, which makes "every weight 1, everyone takes
+    part" FedAvg bit for bit."""
+    coefficients = [lr * w / divisor for w in weights]
+    rest = 1.0 - lr * math.fsum(weights) / divisor
+    if rest != 0.0:
+        return weighted_average([*models, theta], [*coefficients, rest])
+    return weighted_average(models, coefficients)
+
+
+@dataclass
+class FedAUOptions:
+    weighting: str = "fedau"  # fedau | participating (FedAvg: mean of participants) | all (divide by N) | known (1/p)
+    cutoff: int = 0  # K: an absence of K rounds is recorded as an interval of K; 0: no cutoff (K = infinity)
+    num_clients: int = 0  # N; 0: the run's clients (virtual clients, or the coordinator's registered clients)
+    server_lr: float = 1.0  # eta_g
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"strategy.weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
+        if self.cutoff < 0 or self.num_clients < 0:
+            raise ConfigError("strategy.cutoff and strategy.num_clients must be >= 0 (0: none / from the run)")
+        if not self.server_lr >= 0:
+            raise ConfigError(f"strategy.server_lr must be >= 0, got {self.server_lr}")
+
+
+@register("fedau", FedAvgRecipe)
+class FedAU(StrategyBase):
+    Options = FedAUOptions
+    # weighting = "known" only: client id -> true participation probability. An oracle that only the
+    # simulator has (it draws availability); set by simulation/runner.py before the run starts.
+    known_probabilities: dict[str, float] | None = None
+
+    def init_state(self, spec: ModelSpec) -> GlobalState:
+        n = self.options.num_clients or self.settings.num_clients
+        if n <= 0:
+            raise ConfigError("FedAU needs the total number of clients N: register the clients before the run "
+                              "starts or set strategy.num_clients")
+        if self.options.weighting == "known" and self.known_probabilities is None:
+            raise ConfigError("strategy.weighting = 'known' needs the true participation probabilities, which "
+                              "only a simulation has (fedadapt simulate)")
+        return GlobalState({k: v.clone() for k, v in spec.initial.items()},
+                           {NUM_CLIENTS: torch.tensor([n], dtype=torch.int64)})
+
+    def upload_contract(self, state: GlobalState) -> Contract:
+        return contract_of(state.tensors)
+
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        ids = [r.client_id for r in results]
+        estimated, aux = participation_weights(state.aux, rnd, ids, self.options.cutoff)
+        # N never counts fewer clients than have taken part (e.g. one registered after the run started)
+        n = max(int(aux[NUM_CLIENTS]), sum(k.startswith(CLIENT_PREFIX) for k in aux))
+        weighting = self.options.weighting
+        if weighting == "fedau":
+            weights, divisor = estimated, n
+        elif weighting == "participating":
+            weights, divisor = [1.0] * len(ids), len(ids)
+        elif weighting == "all":
+            weights, divisor = [1.0] * len(ids), n
+        else:
+            weights, divisor = [1.0 / self._known(cid) for cid in ids], n
+        theta = server_update(state.tensors, [r.tensors for r in results], weights, divisor, self.options.server_lr)
+        metrics = {"participants": float(len(ids)), "num_clients": float(n),
+                   "weight_mean": math.fsum(weights) / len(weights), "weight_max": max(weights),
+                   "update_scale": math.fsum(weights) / divisor}
+        return RoundOutcome(GlobalState(theta, aux, rnd), metrics)
+
+    def _known(self, cid: str) -> float:
+        p = (self.known_probabilities or {}).get(cid, 0.0)
+        if not p > 0:
+            raise ConfigError(f"strategy.weighting = 'known': no participation probability for client {cid!r}")
+        return p

@@ -1,0 +1,276 @@
+"""FLoRA (ALGORITHMS.md §3): exact aggregation of LoRA adapters of heterogeneous ranks by stacking.
+
+Each round every selected client k trains a FRESH LoRA of its own rank r_k (scaling s_k = alpha_k / r_k)
+on the current merged base W^t. The server stacks, per module,
+
+    B_stack = [B_1 | B_2 | ...]              (m x R)      R = sum of the ranks actually received
+    A_stack = [p_1 s_1 A_1 ; p_2 s_2 A_2 ...] (R x n)     p_k, s_k applied once, to A only
+
+so B_stack A_stack = sum_k p_k s_k B_k A_k exactly, and every client merges W^{t+1} = W^t + B_stack A_stack.
+
+The global model is the task head plus, per module, the cumulative merged delta D^t = W^t - W^0 (the
+base W^0 is built identically everywhere). A client that missed rounds receives, whichever is fewer
+bytes, the stacks of the rounds it missed or D^t itself; the per-round stacks live in GlobalState.aux
+(pruned once they would cost more than D^t), so catch-up survives a coordinator restart. Products are
+formed by `stack_delta` in a fixed order, so the server and every client hold bit-identical bases;
+each task carries the hash of D^t, which the client checks before training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedadapt.client.trainer import evaluate, train_config, train_local
+from fedadapt.core.codec import Contract, TensorSpec, contract_of
+from fedadapt.core.errors import ConfigError, PayloadError
+from fedadapt.models.lora_layers import base_weights, factor_state, fresh_lora, load_named
+
+from .base import (
+    ClientInfo,
+    ClientResult,
+    GlobalState,
+    ModelSpec,
+    RoundOutcome,
+    StrategyBase,
+    Task,
+    Tensors,
+    register,
+    sample_clients,
+    train_task,
+)
+from .fedavg import weighted_average, weights
+from .lowrank import client_rank, content_hash, hash_metric, head_of, known, lora_modules, remember
+
+DELTA = ".flora_delta"  # <module>.flora_delta: the cumulative merged delta D^t of a module
+_STACK = re.compile(r"^stack/(?P<round>\d+)/(?P<module>.+)/(?P<factor>[AB])$")  # stack/<round>/<module>/A|B
+PRUNED = "flora/pruned"  # stacks of rounds <= this were dropped: clients older than it get D^t
+
+
+# ---------------------------------------------------------------------------------------- pure maths
+def stack(factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], p: list[float], s: list[float]
+          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (A_stack, B_stack) from each client's {module: (A_k, B_k)}, in the given client order."""
+    return {m: (torch.cat([pk * sk * f[m][0] for f, pk, sk in zip(factors, p, s)], dim=0),
+                torch.cat([f[m][1] for f in factors], dim=1))
+            for m in factors[0]}
+
+
+def stack_delta(a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    """B_stack @ A_stack in fp64, one rank-1 term at a time in a fixed order.
+
+    A BLAS matmul may sum in an order that depends on threads and CPU; these elementwise steps do not,
+    and for fp32 factors each product is exact in fp64. So server and clients get the same bits.
+    """
+    a, b = a_stack.double(), b_stack.double()
+    out = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+    for j in range(a.shape[0]):
+        out.addcmul_(b[:, j : j + 1], a[j : j + 1, :])
+    return out
+
+
+def add_delta(d: torch.Tensor, delta64: torch.Tensor) -> torch.Tensor:
+    """D + delta, rounded once to D's dtype (the one place the merged delta accumulates)."""
+    return (d.double() + delta64).to(d.dtype)
+
+
+def naive_delta(factors: list[tuple[torch.Tensor, torch.Tensor]], p: list[float], s: list[float]) -> torch.Tensor:
+    """What FedAvg of A and B gives (FedIT; zero-padded to the largest rank): (sum p s B)(sum p A)."""
+    r = max(a.shape[0] for a, _ in factors)
+    a_avg = sum(pk * torch.nn.functional.pad(a.double(), (0, 0, 0, r - a.shape[0])) for (a, _), pk in zip(factors, p))
+    b_avg = sum(pk * sk * torch.nn.functional.pad(b.double(), (0, r - b.shape[1])) for (_, b), pk, sk in
+                zip(factors, p, s))
+    return b_avg @ a_avg
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---------------------------------------------------------------------------------------- server
+@dataclass
+class FloraOptions:
+    weighting: str = "examples"  # p_k: "examples" (n_k / sum n_j over the round's clients) or "uniform"
+    ranks: list[int] = field(default_factory=list)  # r_k cycles over clients in id order; empty: adapter.rank
+    alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k, so s_k = alpha_per_rank (the reference: 2)
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("examples", "uniform"):
+            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+        if any(r <= 0 for r in self.ranks):
+            raise ConfigError(f"strategy.ranks must be positive integers, got {self.ranks}")
+        if not self.alpha_per_rank > 0:
+            raise ConfigError(f"strategy.alpha_per_rank must be positive, got {self.alpha_per_rank}")
+
+
+class FloraRecipe:
+    """Client side: bring the base up to date, train a fresh LoRA of the task's rank, send A and B."""
+
+    def __init__(self) -> None:
+        self._bases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Base
+
+    def prepare(self, model: torch.nn.Module, task: Task) -> None:
+        base = self._bases.get(model)
+        if base is None:
+            base = self._bases[model] = _Base(model)
+        self.catchup = base.sync(task)
+        load_named(model, {k: v for k, v in task.tensors.items() if not k.endswith(DELTA) and not _STACK.match(k)})
+        default = model.encoder.peft_config["default"].r
+        rank = int(task.config.get("flora_rank", default))
+        fresh_lora(model, rank, float(task.config.get("flora_alpha", 2.0 * rank)), int(task.config.get("seed", 0)))
+        self.base_hash = hash_metric(content_hash(base_weights(model)))
+
+    def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
+        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        metrics |= {**self.catchup, "base_hash": self.base_hash}
+        return ClientResult("", len(data), factor_state(model), metrics)
+
+    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
+        return evaluate(model, data, int(task.config.get("batch_size", 128)))
+
+
+class _Base:
+    """A model's merged base: W = W^0 + D^v, with W^0 kept so that W is recomputed, never drifted."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.weights = base_weights(model)
+        self.w0 = {m: w.detach().clone() for m, w in self.weights.items()}
+        # D in the LoRA factors' dtype, as on the server (its spec holds the factors, not the base)
+        self.delta = {m: torch.zeros(w.shape, dtype=model.get_submodule(m).lora_A["default"].weight.dtype)
+                      for m, w in self.weights.items()}
+        self.version = 0
+
+    def sync(self, task: Task) -> dict[str, float]:
+        t, cfg = task.tensors, task.config
+        target = int(cfg.get("flora_base_round", task.round))
+        dense = {m: t[m + DELTA] for m in self.delta if m + DELTA in t}
+        stacks = sorted({int(g["round"]) for g in map(_STACK.match, t) if g})
+        done: dict[str, float] = {"catchup_dense": 0.0, "catchup_stack_rounds": 0.0}
+        if dense:
+            if dense.keys() != self.delta.keys():
+                raise PayloadError("task has the merged delta of only some modules")
+            self.delta = {m: d.clone() for m, d in dense.items()}
+            done["catchup_dense"] = 1.0
+        elif stacks:
+            start = int(cfg.get("flora_from", self.version))
+            if self.version < start:
+                raise PayloadError(f"this client's base is at round {self.version}, but the task's stacks start "
+                                   f"after round {start}")
+            for rnd in (r for r in stacks if r > self.version):
+                for m in self.delta:
+                    a, b = t[f"stack/{rnd}/{m}/A"], t[f"stack/{rnd}/{m}/B"]
+                    self.delta[m] = add_delta(self.delta[m], stack_delta(a, b))
+                done["catchup_stack_rounds"] += 1
+        elif self.version != target:
+            raise PayloadError(f"this client's base is at round {self.version}, the task needs round {target}")
+        self.version = max(self.version, target)
+        want = cfg.get("flora_base_hash")
+        if want is not None and content_hash(self.delta) != want:
+            raise PayloadError(f"merged base out of step with the coordinator at round {target}")
+        with torch.no_grad():
+            for m, w in self.weights.items():
+                w.copy_(self.w0[m] + self.delta[m].to(w.dtype))
+        return done
+
+
+@register("flora", FloraRecipe)
+class Flora(StrategyBase):
+    Options = FloraOptions
+    _asked: tuple[int, set[str]] = (0, set())  # (round, clients asked in it): set by configure
+
+    def init_state(self, spec: ModelSpec) -> GlobalState:
+        self.modules = lora_modules(spec.initial)
+        head = {k: v.clone() for k, v in head_of(spec.initial).items()}
+        deltas = {m + DELTA: torch.zeros(i.out_features, i.in_features, dtype=i.dtype) for m, i in self.modules.items()}
+        return GlobalState({**head, **deltas}, {PRUNED: torch.tensor(0, dtype=torch.int64)})
+
+    def _catch_up(self, state: GlobalState, version: int) -> Tensors:
+        """What a client whose base is D^version needs: the stacks since, or D^t, whichever is smaller."""
+        if version == state.round:
+            return {}
+        dense = {k: v for k, v in state.tensors.items() if k.endswith(DELTA)}
+        if version >= int(state.aux[PRUNED]):
+            stacks = {k: v for k, v in state.aux.items() if (g := _STACK.match(k)) and int(g["round"]) > version}
+            if _nbytes(stacks) < _nbytes(dense):
+                return stacks
+        return dense
+
+    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
+        chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
+        self._asked = (rnd, {c.client_id for c in chosen})  # a hint for aggregate (below); not state
+        head = {k: v for k, v in state.tensors.items() if not k.endswith(DELTA)}
+        base_hash = content_hash({m: state.tensors[m + DELTA] for m in self.modules})
+        payloads: dict[int, Tensors] = {}  # one dict per base version: the engine encodes each once
+        tasks = {}
+        for c in chosen:
+            version = known(state.aux, c.client_id, "base", 0)  # a fresh client holds W^0 = version 0; -1: unknown
+            if version not in payloads:
+                payloads[version] = {**head, **self._catch_up(state, version)}
+            r = client_rank(c, clients, self.options.ranks or [next(iter(self.modules.values())).rank])
+            tasks[c.client_id] = train_task(self.settings, rnd, c.client_id, payloads[version], flora_rank=r,
+                                            flora_alpha=self.options.alpha_per_rank * r, flora_base_round=state.round,
+                                            flora_base_hash=base_hash, flora_from=version)
+        return tasks
+
+    def upload_contract(self, state: GlobalState) -> Contract:
+        return self._contract(state, next(iter(self.modules.values())).rank)
+
+    def task_contract(self, state: GlobalState, task: Task) -> Contract:
+        return self._contract(state, int(task.config["flora_rank"]))
+
+    def _contract(self, state: GlobalState, rank: int) -> Contract:
+        c = contract_of({k: v for k, v in state.tensors.items() if not k.endswith(DELTA)})
+        for m, i in self.modules.items():
+            c[f"{m}.lora_A"] = TensorSpec((rank, i.in_features), i.dtype)
+            c[f"{m}.lora_B"] = TensorSpec((i.out_features, rank), i.dtype)
+        return c
+
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        p = weights([r.num_examples for r in results], self.options.weighting)
+        s = [self.options.alpha_per_rank] * len(results)  # s_k = alpha_k / r_k
+        head_names = [k for k in state.tensors if not k.endswith(DELTA)]
+        tensors = weighted_average([{k: r.tensors[k] for k in head_names} for r in results], p) if head_names else {}
+        factors = [{m: (r.tensors[f"{m}.lora_A"], r.tensors[f"{m}.lora_B"]) for m in self.modules} for r in results]
+        aux = dict(state.aux)
+        err2 = norm2 = 0.0
+        for m, (a, b) in stack(factors, p, s).items():
+            exact = stack_delta(a, b)
+            tensors[m + DELTA] = add_delta(state.tensors[m + DELTA], exact)
+            aux[f"stack/{rnd}/{m}/A"], aux[f"stack/{rnd}/{m}/B"] = a, b
+            err2 += float((naive_delta([f[m] for f in factors], p, s) - exact).pow(2).sum())
+            norm2 += float(exact.pow(2).sum())
+        remember(aux, [r.client_id for r in results], "base", state.round)
+        # A client asked this round that sent nothing valid may hold any base (it may have restarted and
+        # lost it, or refused the task): it gets D next time, which fits whatever it holds.
+        asked_rnd, asked = self._asked
+        remember(aux, sorted(asked - {r.client_id for r in results}) if asked_rnd == rnd else [], "base", -1)
+        _prune(aux, _nbytes({k: v for k, v in tensors.items() if k.endswith(DELTA)}))
+        hashes = {r.metrics["base_hash"] for r in results if "base_hash" in r.metrics}
+        metrics = {
+            "global_rank": float(sum(f[next(iter(self.modules))][0].shape[0] for f in factors)),
+            "exactness_error": math.sqrt(err2),  # ||naive FedAvg of A, B - exact||_F over all modules
+            "exactness_error_rel": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
+            "base_hashes_distinct": float(len(hashes)),  # 1: every client trained on the same base
+            "base_hash": hashes.pop() if len(hashes) == 1 else -1.0,
+            "catchup_dense": sum(r.metrics.get("catchup_dense", 0.0) for r in results),
+            "catchup_stack_rounds": sum(r.metrics.get("catchup_stack_rounds", 0.0) for r in results),
+        }
+        return RoundOutcome(GlobalState(tensors, aux, rnd), metrics)
+
+
+def _prune(aux: Tensors, dense_bytes: int) -> None:
+    """Keep the newest stacks only while their total stays below D^t's size: an older client gets D^t."""
+    rounds = sorted({int(g["round"]) for g in map(_STACK.match, aux) if g}, reverse=True)
+    total = 0
+    for rnd in rounds:
+        total += _nbytes({k: v for k, v in aux.items() if k.startswith(f"stack/{rnd}/")})
+        if total >= dense_bytes:
+            for k in [k for k in aux if (g := _STACK.match(k)) and int(g["round"]) <= rnd]:
+                del aux[k]
+            aux[PRUNED] = torch.tensor(max(rnd, int(aux[PRUNED])), dtype=torch.int64)
+            return

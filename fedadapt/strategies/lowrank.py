@@ -1,0 +1,85 @@
+"""Pieces shared by the exact low-rank strategies (FLoRA, Fed-SB): which modules carry LoRA, content
+hashes that clients verify, and what the server knows each client already holds.
+
+Everything here is pure and works on name -> tensor dicts, so both strategies stay testable with tiny
+fp64 tensors and keep their whole state in GlobalState (committed atomically with each round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fedadapt.core.errors import ModelError
+
+from .base import ClientInfo, Tensors
+
+# A and B are told apart by parameter name, never by comparing a dimension with the rank (ambiguous
+# when a layer dimension equals the rank: ALGORITHMS.md §3.5).
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.[^.]+\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    out_features: int  # m
+    in_features: int  # n
+    rank: int  # the rank of the run config's adapter
+    dtype: torch.dtype
+
+
+def lora_modules(initial: Tensors) -> dict[str, LoraModule]:
+    """The LoRA-adapted modules of a model spec, from its `<module>.lora_A/B.<adapter>.weight` tensors."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in initial.items():
+        m = _LORA.match(name)
+        if m:
+            factors.setdefault(m["module"], {})[m["factor"]] = t
+    if not factors:
+        raise ModelError("this strategy needs a LoRA model (adapter.kind = \"lora\")")
+    out = {}
+    for module, f in sorted(factors.items()):
+        a, b = f["A"], f["B"]  # (r, n) and (m, r), as peft stores them
+        out[module] = LoraModule(b.shape[0], a.shape[1], a.shape[0], a.dtype)
+    return out
+
+
+def head_of(initial: Tensors) -> Tensors:
+    """The trainable tensors that are not LoRA factors (the task head): these are plainly averaged."""
+    return {k: v for k, v in initial.items() if not _LORA.match(k)}
+
+
+def content_hash(tensors: Tensors) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def hash_metric(digest: str) -> float:
+    """The first 48 bits of a hex digest as a float: exact through JSON metrics, enough to compare."""
+    return float(int(digest[:12], 16))
+
+
+# What the server knows a client holds, as int64 scalars in GlobalState.aux (so it survives restarts).
+def known(aux: Tensors, client: str, key: str, default: int = -1) -> int:
+    t = aux.get(f"client/{client}/{key}")
+    return default if t is None else int(t)
+
+
+def remember(aux: Tensors, clients: list[str], key: str, value: int) -> None:
+    for c in clients:
+        aux[f"client/{c}/{key}"] = torch.tensor(value, dtype=torch.int64)
+
+
+def client_rank(client: ClientInfo, clients: list[ClientInfo], ranks: list[int]) -> int:
+    """`ranks` cycled over the available clients in id order, capped by a declared `max_lora_rank`."""
+    ids = sorted(c.client_id for c in clients)
+    r = ranks[ids.index(client.client_id) % len(ranks)]
+    cap = client.capabilities.get("max_lora_rank")  # a client may declare it cannot train more
+    return min(r, cap) if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else r

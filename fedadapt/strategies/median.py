@@ -1,0 +1,42 @@
+"""Coordinate-wise median (Yin et al., ICML 2018): the robust baseline for weight-sending strategies.
+
+Each coordinate of the new global adapter is the median of the clients' values (the mean of the two
+middle ones for an even count, as numpy and Flower's FedMedian). Example counts are ignored on
+purpose: a client could inflate its own. With fewer than half the clients malicious, every coordinate
+stays within the range of the honest values, however far the malicious ones are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ClientResult, GlobalState, RoundOutcome, Tensors, register
+from .fedavg import FedAvg, FedAvgRecipe
+
+
+def coordinate_median(models: list[Tensors]) -> Tensors:
+    """Per tensor and coordinate, the median over models; non-float tensors are taken from the first."""
+    out: Tensors = {}
+    for name, first in models[0].items():
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        s = torch.stack([m[name] for m in models]).sort(dim=0).values
+        k = len(models)
+        out[name] = (s[(k - 1) // 2] + s[k // 2]) / 2  # exact for odd k: (x + x) / 2 == x
+    return out
+
+
+@dataclass
+class MedianOptions:
+    """No options: the median has no weights and no server learning rate."""
+
+
+@register("median", FedAvgRecipe)
+class Median(FedAvg):  # same client side, initial state and upload contract as FedAvg
+    Options = MedianOptions
+
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        return RoundOutcome(GlobalState(coordinate_median([r.tensors for r in results]), {}, rnd), {})

@@ -1,0 +1,117 @@
+"""FedAvg-LoRA with zero-padding for heterogeneous ranks: the baseline FLoRA is compared with (ALGORITHMS.md §3.2).
+
+The global adapter has the run's adapter.rank (the largest client rank). Client k trains the first r_k
+rank components of it (the first r_k rows of A, the first r_k columns of B), and the server averages
+every client's factors zero-padded back to the full rank. Like FedIT it averages A and B separately,
+so the result is not the average of the products B_k A_k: that is the aggregation noise FLoRA removes.
+Every client uses the run's scaling s = adapter.alpha / adapter.rank (alpha_k = s * r_k), unlike the
+reference's zero-padding path, whose global alpha differs from the clients' (§3.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedadapt.client.trainer import evaluate, train_config, train_local
+from fedadapt.core.codec import Contract, TensorSpec, contract_of
+from fedadapt.core.errors import ConfigError
+from fedadapt.models.lora_layers import factor_state, load_factors
+
+from .base import (
+    ClientInfo,
+    ClientResult,
+    GlobalState,
+    ModelSpec,
+    RoundOutcome,
+    StrategyBase,
+    Task,
+    register,
+    sample_clients,
+    train_task,
+)
+from .fedavg import weighted_average, weights
+from .lowrank import client_rank, head_of, lora_modules
+
+
+@dataclass
+class ZeroPadOptions:
+    weighting: str = "examples"  # "examples" (n_k) or "uniform"
+    ranks: list[int] = field(default_factory=list)  # r_k cycled over clients in id order; each <= adapter.rank
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("examples", "uniform"):
+            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+        if any(r <= 0 for r in self.ranks):
+            raise ConfigError(f"strategy.ranks must be positive integers, got {self.ranks}")
+
+
+class ZeroPadRecipe:
+    """Client side: train the leading r_k components of the global adapter; send them back."""
+
+    def prepare(self, model: torch.nn.Module, task: Task) -> None:
+        run = model.encoder.peft_config["default"]  # the run's adapter: its scaling holds for every rank
+        load_factors(model, task.tensors, run.lora_alpha / run.r, int(task.config.get("seed", 0)))
+
+    def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
+        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        return ClientResult("", len(data), factor_state(model), metrics)
+
+    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
+        return evaluate(model, data, int(task.config.get("batch_size", 128)))
+
+
+@register("zeropad", ZeroPadRecipe)
+class ZeroPad(StrategyBase):
+    Options = ZeroPadOptions
+
+    def init_state(self, spec: ModelSpec) -> GlobalState:
+        self.modules = lora_modules(spec.initial)
+        self.rank = next(iter(self.modules.values())).rank
+        if any(r > self.rank for r in self.options.ranks):
+            raise ConfigError(f"strategy.ranks {self.options.ranks} exceed the global adapter.rank {self.rank}")
+        tensors = {k: v.clone() for k, v in head_of(spec.initial).items()}
+        for name, t in spec.initial.items():
+            if name not in tensors:  # <module>.lora_A.<adapter>.weight -> <module>.lora_A
+                tensors[name.rsplit(".", 2)[0]] = t.clone()
+        return GlobalState(tensors)
+
+    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
+        payloads: dict[int, dict] = {}  # one per rank, so the engine encodes each once
+        tasks = {}
+        for c in sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd):
+            r = client_rank(c, clients, self.options.ranks or [self.rank])
+            if r not in payloads:
+                payloads[r] = {k: _truncate(k, v, r) for k, v in state.tensors.items()}
+            tasks[c.client_id] = train_task(self.settings, rnd, c.client_id, payloads[r], zeropad_rank=r)
+        return tasks
+
+    def upload_contract(self, state: GlobalState) -> Contract:
+        return contract_of(state.tensors)
+
+    def task_contract(self, state: GlobalState, task: Task) -> Contract:
+        r = int(task.config["zeropad_rank"])
+        c = contract_of(state.tensors)
+        for m, i in self.modules.items():
+            c[f"{m}.lora_A"] = TensorSpec((r, i.in_features), i.dtype)
+            c[f"{m}.lora_B"] = TensorSpec((i.out_features, r), i.dtype)
+        return c
+
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        p = weights([r.num_examples for r in results], self.options.weighting)
+        padded = [{k: _pad(k, v, self.rank) for k, v in r.tensors.items()} for r in results]
+        return RoundOutcome(GlobalState(weighted_average(padded, p), {}, rnd), {})
+
+
+def _truncate(name: str, t: torch.Tensor, r: int) -> torch.Tensor:
+    if name.endswith(".lora_A"):
+        return t[:r].clone()
+    return t[:, :r].clone() if name.endswith(".lora_B") else t
+
+
+def _pad(name: str, t: torch.Tensor, r: int) -> torch.Tensor:
+    if name.endswith(".lora_A"):
+        return torch.nn.functional.pad(t, (0, 0, 0, r - t.shape[0]))
+    return torch.nn.functional.pad(t, (0, r - t.shape[1])) if name.endswith(".lora_B") else t
