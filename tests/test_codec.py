@@ -77,3 +77,16 @@ def test_offsets_pointing_outside_the_buffer_rejected():
 def test_not_bytes_rejected():
     with pytest.raises(PayloadError, match="must be bytes"):
         codec.decode("a string")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("pos", [0, 17, 999])
+def test_a_single_non_finite_value_anywhere_is_refused(dtype, bad, pos):
+    """The finiteness check is one min/max pass: it must still see one bad value in any position."""
+    t = torch.randn(1000, dtype=torch.float64).to(dtype)
+    codec.check_tensors({"w": t})
+    t[pos] = bad
+    with pytest.raises(PayloadError, match="NaN or Inf"):
+        codec.check_tensors({"w": t})
+    codec.check_tensors({"empty": torch.empty(0, 3, dtype=dtype)})
