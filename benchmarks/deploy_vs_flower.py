@@ -702,11 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_fedadapt:
             sides["fedadapt"] = {"skipped": "--skip-fedadapt"}
         else:
-            try:
-                sides["fedadapt"] = run_side(run_fedadapt, args, "fedadapt")
-            except NotImplementedError as e:
-                sides["fedadapt"] = {"skipped": f"run_fedadapt: {e}"}
-                log(f"[fedadapt] skipped: {e}")
+            sides["fedadapt"] = run_side(run_fedadapt, args, "fedadapt")
         if args.skip_flower:
             sides["Flower 1.42"] = {"skipped": "--skip-flower"}
         else:
