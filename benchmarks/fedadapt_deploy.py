@@ -155,8 +155,10 @@ def upload(mib: int, repeats: int) -> dict:
     from fedadapt.client.credentials import load_credentials, metadata
     from fedadapt.proto import fedadapt_pb2 as pb
     from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-    from fedadapt.proto.chunks import describe, framed
+    from fedadapt.core.memory import reuse_freed_memory
+    from fedadapt.proto.chunks import describe, framed, push_result
 
+    reuse_freed_memory()  # as the client daemon does
     payload = os.urandom(mib * 2**20)
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +175,7 @@ def upload(mib: int, repeats: int) -> dict:
                     t0 = time.perf_counter()
                     header = pb.ResultHeader(session=session, run_id="benchmark", round=i + 1, num_examples=1,
                                              metrics_json="{}", payload=describe(payload))
-                    reply = stub.PushResult(framed(pb.ResultPart, header, payload), metadata=md, timeout=120)
+                    reply = push_result(channel)(framed(pb.ResultPart, header, payload), metadata=md, timeout=120)
                     elapsed = time.perf_counter() - t0
                     # no run is active, so the verified payload is recorded LATE and dropped: only transfer counts
                     assert reply.status == pb.PushReply.LATE, reply

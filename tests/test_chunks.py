@@ -18,7 +18,7 @@ from fedadapt.core import codec
 from fedadapt.core.codec import ALLOWED_DTYPES, FLOAT_DTYPES, TensorSpec
 from fedadapt.core.errors import PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
-from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, framed, split
+from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, encode_part, framed, part_decoder, split
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -62,7 +62,7 @@ def test_split_sizes(n, size, expect):
     chunks = list(split(data, size))
     assert [len(c) for c in chunks] == expect
     assert b"".join(chunks) == data
-    assert all(isinstance(c, bytes) for c in chunks)
+    assert all(isinstance(c, memoryview) for c in chunks)  # views of the payload, not copies
 
 
 def test_default_chunk_fits_grpc_default_message_limit():
@@ -182,13 +182,48 @@ def test_framed_parts_carry_the_header_with_the_first_chunk(data, size):
     parts = list(framed(pb.ResultPart, header, data, size))
     assert len(parts) == max(1, -(-len(data) // size))
     assert parts[0].HasField("header") and parts[0].header == header
-    assert not any(p.HasField("header") for p in parts[1:])
-    assert all(0 < len(p.chunk) <= size for p in parts[1:])
-    # what a receiver does: the header's chunk first, then the rest
-    r = Reassembler(parts[0].header.payload, BIG, chunk_bytes=size)
-    for p in parts:
+    assert all(isinstance(p, memoryview) and 0 < len(p) <= size for p in parts[1:])  # bare chunks, no copies
+    # what a receiver does: the header's chunk first, then the rest, each through the wire codecs
+    decode = part_decoder(pb.ResultPart)
+    received = [decode(encode_part(p)) for p in parts]
+    assert received[0].header == header and all(p.header is None for p in received[1:])
+    r = Reassembler(received[0].header.payload, BIG, chunk_bytes=size)
+    for p in received:
         r.add(p.chunk)
     assert r.result() == data
+
+
+@FAST
+@given(chunk=st.binary(min_size=0, max_size=300))
+def test_hand_framed_chunk_is_protobufs_own_encoding(chunk):
+    """Bare chunks are framed by hand; a protobuf peer must see exactly the message it would have built."""
+    wire = encode_part(memoryview(chunk))
+    assert pb.ResultPart.FromString(wire) == pb.ResultPart(chunk=chunk)
+    if chunk:  # protobuf leaves an empty field out; the hand framing writes it, both decode the same
+        assert wire == pb.ResultPart(chunk=chunk).SerializeToString()
+    assert bytes(part_decoder(pb.TaskPart)(wire).chunk) == chunk
+
+
+def test_chunk_views_survive_a_large_varint():
+    chunk = bytes(range(256)) * 600  # a 3-byte length prefix
+    part = part_decoder(pb.ResultPart)(encode_part(chunk))
+    assert part.header is None and isinstance(part.chunk, memoryview) and part.chunk == chunk
+
+
+@FAST
+@given(wire=st.binary(min_size=0, max_size=64))
+def test_part_decoder_on_garbage(wire):
+    """Arbitrary bytes decode as protobuf would, or fail the way protobuf fails (gRPC then aborts the call);
+    the hand path never yields a chunk protobuf would not."""
+    try:
+        expect = pb.ResultPart.FromString(wire)
+    except Exception:  # protobuf refuses it: so must the decoder
+        with pytest.raises(Exception):
+            part_decoder(pb.ResultPart)(wire)
+        return
+    got = part_decoder(pb.ResultPart)(wire)
+    assert bytes(got.chunk) == expect.chunk
+    assert (got.header is None) == (not expect.HasField("header"))
 
 
 def test_framed_empty_payload_is_one_message():

@@ -177,8 +177,9 @@ class Hostile:
                                  round=task.header.round if round is None else round,
                                  num_examples=num_examples, metrics_json=metrics_json,
                                  payload=describe(payload) if announce is None else announce)
-        body = list(split(payload)) if chunks is None else chunks
-        first = pb.ResultPart(header=header, chunk=body[0] if body else b"")  # as the daemons frame it
+        body = [bytes(c) for c in split(payload)] if chunks is None else chunks
+        # plain protobuf parts, as any client in another language would send them
+        first = pb.ResultPart(header=header, chunk=body[0] if body else b"")
         return [first, *(pb.ResultPart(chunk=c) for c in body[1:])]
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from fedadapt.core import codec
 from fedadapt.core.errors import AuthError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-from fedadapt.proto.chunks import Reassembler, describe, framed
+from fedadapt.proto.chunks import Reassembler, describe, framed, pull_task, push_result
 from fedadapt.strategies.base import Task
 
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -98,8 +98,8 @@ class ClientAgent:
             session = reply.session
             self.log(f"joined {self.target} as {self.creds.name!r}")
             if self._pending is not None:
-                self._push(stub, session, self._pending)
-            stream = stub.PullTask(pb.PullRequest(session=session), metadata=self._metadata)
+                self._push(channel, session, self._pending)
+            stream = pull_task(channel)(pb.PullRequest(session=session), metadata=self._metadata)
             self._stream = stream
             beat = threading.Thread(target=self._heartbeat, args=(stub, session, reply.heartbeat_interval_s, stream),
                                     daemon=True)
@@ -107,19 +107,19 @@ class ClientAgent:
             try:
                 parts = iter(stream)
                 for part in parts:
-                    if not part.HasField("header"):
+                    if part.header is None:
                         raise PayloadError("task stream out of step: a chunk without its header")
                     header = part.header
                     buf = Reassembler(header.payload, self.max_payload_bytes)
                     buf.add(part.chunk)
                     while not buf.complete:
                         part = next(parts)
-                        if part.HasField("header"):
+                        if part.header is not None:
                             raise PayloadError("task stream out of step: a header inside a task")
                         buf.add(part.chunk)
                     upload = self._handle(header, buf.result())
                     self._pending = upload
-                    self._push(stub, session, upload)
+                    self._push(channel, session, upload)
             except PayloadError as exc:  # a broken task stream: log it and start a fresh session
                 self.log(f"dropped a malformed task: {exc}")
             except grpc.RpcError as exc:
@@ -154,11 +154,11 @@ class ClientAgent:
         self.log(f"round {header.round}: {task.kind} on {n} examples{loss} in {time.perf_counter() - start:.1f}s")
         return Upload(header.run_id, header.round, header.kind, n, metrics, out)
 
-    def _push(self, stub, session: str, up: Upload) -> None:
+    def _push(self, channel: grpc.Channel, session: str, up: Upload) -> None:
         header = pb.ResultHeader(session=session, run_id=up.run_id, round=up.round, num_examples=up.num_examples,
                                  metrics_json=json.dumps(up.metrics), payload=describe(up.payload))
 
-        reply = stub.PushResult(framed(pb.ResultPart, header, up.payload), metadata=self._metadata)
+        reply = push_result(channel)(framed(pb.ResultPart, header, up.payload), metadata=self._metadata)
         status = pb.PushReply.Status.Name(reply.status).lower()
         self.log(f"round {up.round}: uploaded {len(up.payload) / 1e6:.2f} MB, {status}"
                  + (f" ({reply.reason})" if reply.reason else ""))

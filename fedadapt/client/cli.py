@@ -37,7 +37,9 @@ def dispatch(args: argparse.Namespace) -> int:
     from fedadapt.client.agent import ClientAgent
     from fedadapt.client.credentials import load_credentials
     from fedadapt.client.workload import build_workload
+    from fedadapt.core.memory import reuse_freed_memory
 
+    reuse_freed_memory()
     if args.data is not None and not args.data.is_file():
         raise ConfigError(f"data file {args.data} does not exist")
     if args.threads:

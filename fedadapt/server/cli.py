@@ -105,9 +105,11 @@ def _server_start(args) -> int:
     from fedadapt.server import certs
     from fedadapt.server.hub import ClientHub
     from fedadapt.server.runs import RunManager
+    from fedadapt.core.memory import reuse_freed_memory
     from fedadapt.server.service import CachedAuth, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    reuse_freed_memory()
     store = _open_store(args.database, args.data_dir)
     credentials, admin = None, None
     if not args.insecure:

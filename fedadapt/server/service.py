@@ -20,7 +20,7 @@ import fedadapt
 from fedadapt.core.errors import AuthError, FedadaptError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, describe, framed
+from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, add_coordinator, describe, framed
 from fedadapt.server.engine import MAX_EXAMPLES, ResultMessage
 from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REJECTED, ClientHub, Event
 
@@ -145,7 +145,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def PushResult(self, request_iterator, context):
         parts = iter(request_iterator)
         first = next(parts, None)
-        if first is None or not first.HasField("header"):
+        if first is None or first.header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a result must start with its header")
         h = first.header
         s = self._session(h.session, context)
@@ -157,7 +157,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             buf = Reassembler(h.payload, self.max_payload_bytes)
             buf.add(first.chunk)
             for part in parts:
-                if part.HasField("header"):
+                if part.header is not None:
                     raise PayloadError("a second header inside one upload")
                 received += len(part.chunk)
                 buf.add(part.chunk)
@@ -223,7 +223,7 @@ def serve(address: str, hub: ClientHub, manager=None, *, authenticate: Authentic
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(hub, authenticate, max_payload_bytes), server)
+    add_coordinator(CoordinatorService(hub, authenticate, max_payload_bytes), server)
     if manager is not None:
         pb_grpc.add_ControlServicer_to_server(ControlService(manager, admin_authenticate), server)
     try:
