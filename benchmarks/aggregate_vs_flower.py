@@ -570,7 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-wait", type=float, default=60.0, help="max s to wait for a quiet machine per side")
     ap.add_argument("--idle-threshold", type=float, default=0.3, help="busy cores counted as quiet")
     ap.add_argument("--json", type=Path, default=RESULTS_JSON)
+    ap.add_argument("--report", action="store_true", help="only print the table of an earlier run's --json")
     args = ap.parse_args(argv)
+    if args.report:
+        data = json.loads(args.json.read_text())
+        print(f"Run of {data['started_utc']}: `{data['command']}`\n")
+        print(render(data["results"]))
+        return 0
     if args.repeats < 9:
         log("[note] fewer than 9 repeats: medians will be noisy on a shared machine")
     sys.path.insert(0, str(REPO_ROOT))

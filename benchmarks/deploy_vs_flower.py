@@ -37,6 +37,7 @@ Usage (from the repository root, project venv; Flower runs from benchmarks/.venv
     .venv/bin/python benchmarks/deploy_vs_flower.py --nodes 2,10,50 --flower-nodes 2,10 --rounds 5
     .venv/bin/python benchmarks/deploy_vs_flower.py --only upload --upload-mib 100
     .venv/bin/python benchmarks/deploy_vs_flower.py --skip-flower         # fedadapt side only
+    .venv/bin/python benchmarks/deploy_vs_flower.py --report              # the tables of the last run
 
 Writes benchmarks/results/deploy_flower.json (atomically): raw runs, per-round stamps, medians,
 peak RSS/PSS, the load, and the machine.
@@ -699,7 +700,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pss-interval", type=float, default=1.0)
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--json", type=Path, default=RESULTS_JSON)
+    ap.add_argument("--report", action="store_true", help="only print the tables of an earlier run's --json")
     args = ap.parse_args(argv)
+    if args.report:
+        data = json.loads(args.json.read_text())
+        print(f"Run of {data['started_utc']}: `{data['command']}`, load average at end {data['loadavg_at_end']}\n")
+        print(render(data["sides"]))
+        return 0
 
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     sides: dict[str, dict] = {}
