@@ -16,22 +16,19 @@ bit-identical arrays, and the results are cross-checked (per-tensor sums).
 What is timed (each a median over ``--repeats`` runs, per torch thread setting):
 
   (a)    fedadapt ``FedAvg.aggregate`` (built with ``strategies.base.build``) on already-decoded
-         replies; (a_old) the same with the weighted_average this repo had before, for comparison.
-  (b)    ``codec.decode(payload, contract=...)`` of each reply's safetensors bytes + (a): what the
-         coordinator does with what it receives. Broken down into safetensors' own load and the
-         codec's checks (dtype whitelist, finiteness, contract).
-  (b_zc) a zero-copy decode measured here only (codec.py is not changed): parse the safetensors
-         header by hand and ``torch.frombuffer`` over the payload's data section, then the same
-         ``codec.check_tensors`` and (a). (b_zc_minmaxcheck) the same verdicts with finiteness
-         from one ``torch.aminmax`` per tensor (``torch.isfinite(t).all()`` turned out to be the
-         largest cost); (b_minmaxcheck) that check with safetensors' own (copying) load; (b_zc_nocheck) without any checks, to show their cost.
+         replies.
+  (b)    ``codec.decode(payload, contract=...)`` of each received reply + (a): what the coordinator
+         does with what it receives. The replies are bytearrays, as ``proto.chunks.Reassembler``
+         returns them, so decode hands out views into them (no copy). Broken down into the decode
+         alone and the codec's checks (dtype whitelist, finiteness, contract); for comparison,
+         safetensors' own ``load`` (which copies every tensor) of the same bytes.
   (c)    the baseline: one ``copy_`` of all reply bytes (381 MiB, one contiguous source) into a
          preallocated buffer; (c_each) ten ``copy_`` calls straight from the ten payloads.
   (d)    Flower's ``aggregate_arrayrecords`` on RecordDicts holding ``ArrayRecord`` + ``MetricRecord
          ({"num-examples": n})`` of the same arrays, run in benchmarks/.venv-flower as a subprocess
          (same machine, same shapes); (d_numpy) of which ``Array.numpy()`` deserialisation.
-  context: sha256 of all reply bytes and a ``bytes(bytearray)`` copy of them (what
-         ``proto.chunks.Reassembler`` does per reply), to put the aggregation in proportion.
+  context: sha256 of all reply bytes (what ``proto.chunks.Reassembler`` checks per reply), to put
+         the aggregation in proportion.
 
 Within a process the measurements are interleaved (each repeat runs every measurement once, in
 a shuffled order), so background load hits all of them alike. Load is recorded: 1-min loadavg,
@@ -164,79 +161,6 @@ def stats(ms: list[float]) -> dict:
 
 # ------------------------------------------------------------------ fedadapt side
 
-def _old_weighted_average(models, p):
-    """weighted_average as it was before this benchmark (kept for the before/after row)."""
-    out = {}
-    for name, first in models[0].items():
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        acc = first * p[0]
-        for m, w in zip(models[1:], p[1:]):
-            acc.add_(m[name], alpha=w)
-        out[name] = acc
-    return out
-
-
-_ST_DTYPES = None
-
-
-def zero_copy_decode(data: bytes) -> dict:
-    """Benchmark-only idea for the lead: safetensors header parsed by hand, tensors are
-    ``torch.frombuffer`` views of ``data`` (no copy; read-only, so ``data`` must outlive them).
-    The framing is bounds-checked here; dtype/finiteness/contract checks are codec.check_tensors."""
-    import torch
-    global _ST_DTYPES
-    if _ST_DTYPES is None:
-        _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-    if len(data) < 8:
-        raise ValueError("payload too short")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header overruns the payload")
-    header = json.loads(bytes(data[8:8 + n]))
-    base, size = 8 + n, len(data) - 8 - n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        shape = [int(s) for s in info["shape"]]
-        item = torch.empty((), dtype=dtype).element_size()
-        count = math.prod(shape)
-        if not 0 <= start <= end <= size or end - start != count * item:
-            raise ValueError(f"bad offsets for {name!r}")
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count,
-                                         offset=base + start).view(shape)
-    return out
-
-
-def minmax_check(tensors: dict, contract) -> None:
-    """Benchmark-only idea: the verdicts of codec.check_tensors (contract + finiteness), with
-    finiteness from one ``torch.aminmax`` pass per tensor instead of ``torch.isfinite(t).all()``
-    (which in torch 2.13 is composite: abs, two comparisons and a product, each a temporary).
-    Exact: aminmax propagates NaN, and +-Inf shows up as the min or the max."""
-    import torch
-
-    from fedadapt.core import codec
-    if set(tensors) != set(contract):
-        raise ValueError("names differ from the contract")
-    for name, t in tensors.items():
-        spec = contract[name]
-        if t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
-            raise ValueError(f"{name!r} does not match the contract")
-        if t.dtype in codec.FLOAT_DTYPES and t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"{name!r} contains NaN or Inf")
-
-
 def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     import torch
 
@@ -268,50 +192,24 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     payload_views = [torch.frombuffer(pl, dtype=torch.uint8) for pl in payloads]
     dst_bytes = torch.empty(sum(len(pl) for pl in payloads), dtype=torch.uint8)
     dst_bytes.fill_(0)
-    bytearrays = [bytearray(pl) for pl in payloads]
+    received = [bytearray(pl) for pl in payloads]  # what the coordinator holds after reassembly
 
     def a():
         return server.aggregate(1, decoded, state)
-
-    def a_old():
-        return _old_weighted_average([r.tensors for r in decoded], p)
 
     def a_wavg():
         return weighted_average([r.tensors for r in decoded], p)
 
     def b():
-        dec = [codec.decode(pl, contract=contract) for pl in payloads]
+        dec = [codec.decode(pl, contract=contract) for pl in received]
         return server.aggregate(1, results_of(dec), state)
 
     def b_decode_only():
-        return [codec.decode(pl, contract=contract) for pl in payloads]
+        return [codec.decode(pl, contract=contract) for pl in received]
 
     def b_safetensors_load_only():
         from safetensors.torch import load
-        return [load(pl) for pl in payloads]
-
-    def b_zc():
-        dec = [zero_copy_decode(pl) for pl in payloads]
-        for t in dec:
-            codec.check_tensors(t, contract)
-        return server.aggregate(1, results_of(dec), state)
-
-    def b_minmaxcheck():
-        from safetensors.torch import load
-        dec = [load(pl) for pl in payloads]
-        for t in dec:
-            minmax_check(t, contract)
-        return server.aggregate(1, results_of(dec), state)
-
-    def b_zc_minmaxcheck():
-        dec = [zero_copy_decode(pl) for pl in payloads]
-        for t in dec:
-            minmax_check(t, contract)
-        return server.aggregate(1, results_of(dec), state)
-
-    def b_zc_nocheck():
-        dec = [zero_copy_decode(pl) for pl in payloads]
-        return server.aggregate(1, results_of(dec), state)
+        return [load(bytes(pl)) for pl in payloads]
 
     def check_tensors_only():
         for m in models:
@@ -333,34 +231,16 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
         import hashlib
         return [hashlib.sha256(pl).digest() for pl in payloads]
 
-    def ctx_bytes_copy():
-        return [bytes(ba) for ba in bytearrays]
-
-    fns = {"a": a, "a_weighted_average_only": a_wavg, "a_old": a_old, "b": b, "b_decode_only": b_decode_only,
+    fns = {"a": a, "a_weighted_average_only": a_wavg, "b": b, "b_decode_only": b_decode_only,
            "b_safetensors_load_only": b_safetensors_load_only, "b_check_tensors_only": check_tensors_only,
-           "b_minmaxcheck": b_minmaxcheck, "b_zc": b_zc, "b_zc_minmaxcheck": b_zc_minmaxcheck, "b_zc_nocheck": b_zc_nocheck, "c": c, "c_each": c_each,
-           "c_one_model": c_one_model, "ctx_sha256": ctx_sha256, "ctx_bytes_copy": ctx_bytes_copy}
+           "c": c, "c_each": c_each, "c_one_model": c_one_model, "ctx_sha256": ctx_sha256}
 
-    # correctness: new == old bit for bit; zero-copy path == codec path; sums for the Flower check
-    ref = a_old()
+    # correctness: the decoded path gives the same numbers as aggregating the original tensors
     new = a().state.tensors
-    zc = b_zc().state.tensors
-    assert all(torch.equal(new[k], ref[k]) for k in ref), "weighted_average changed the numbers"
-    assert all(torch.equal(zc[k], ref[k]) for k in ref), "zero-copy decode changed the numbers"
-    first = next(iter(models[0]))
-    for value in (float("nan"), float("inf"), -float("inf")):
-        for pos in (0, 3, models[0][first].numel() - 1):
-            bad = dict(models[0])
-            bad[first] = bad[first].clone()
-            bad[first].view(-1)[pos] = value
-            for checker in (codec.check_tensors, minmax_check):  # both must reject it
-                try:
-                    checker(bad, contract)
-                    raise AssertionError(f"{checker.__name__} accepted {value} at {pos}")
-                except (ValueError, codec.PayloadError):
-                    pass
+    via_wire = b().state.tensors
+    assert all(torch.equal(new[k], via_wire[k]) for k in new), "decoding changed the numbers"
     sums = {k: float(v.double().sum()) for k, v in new.items()}
-    del ref, new, zc
+    del new, via_wire
 
     runs: dict[str, list[float]] = {k: [] for k in fns}
     rng = random.Random(0)
@@ -497,35 +377,24 @@ def _ratio(x, y):
 def ratios(fa: dict, fl: dict | None) -> dict:
     t = {k: v["median_ms"] for k, v in fa["timings"].items()}
     out = {"a_over_c": _ratio(t["a"], t["c"]), "b_over_c": _ratio(t["b"], t["c"]),
-           "b_zc_over_c": _ratio(t["b_zc"], t["c"]), "b_zc_nocheck_over_c": _ratio(t["b_zc_nocheck"], t["c"]),
-           "b_zc_minmaxcheck_over_c": _ratio(t["b_zc_minmaxcheck"], t["c"]),
-           "b_minmaxcheck_over_c": _ratio(t["b_minmaxcheck"], t["c"]),
-           "a_over_c_each": _ratio(t["a"], t["c_each"]), "a_old_over_a": _ratio(t["a_old"], t["a"]),
-           "b_decode_share": _ratio(t["b_decode_only"], t["b"])}
+           "a_over_c_each": _ratio(t["a"], t["c_each"]), "b_decode_share": _ratio(t["b_decode_only"], t["b"])}
     if fl and "timings" in fl:
         d = fl["timings"]["d"]["median_ms"]
-        out.update({"d_over_a": _ratio(d, t["a"]), "d_over_b": _ratio(d, t["b"]),
-                    "d_over_b_zc": _ratio(d, t["b_zc"]), "d_over_c": _ratio(d, t["c"])})
+        out.update({"d_over_a": _ratio(d, t["a"]), "d_over_b": _ratio(d, t["b"]), "d_over_c": _ratio(d, t["c"])})
     return out
 
 
 ROWS = [
     ("a", "(a) fedadapt FedAvg.aggregate, decoded replies"),
     ("a_weighted_average_only", "  weighted_average alone"),
-    ("a_old", "  (a_old) weighted_average before this change"),
-    ("b", "(b) codec.decode x10 + aggregate"),
-    ("b_decode_only", "  of which codec.decode x10"),
-    ("b_safetensors_load_only", "    safetensors.torch.load x10 (copies)"),
-    ("b_check_tensors_only", "    codec.check_tensors x10 (finiteness etc.)"),
-    ("b_minmaxcheck", "  (b_minmaxcheck) safetensors load + aminmax-based checks + aggregate"),
-    ("b_zc", "(b_zc) zero-copy decode + check_tensors + aggregate"),
-    ("b_zc_minmaxcheck", "  (b_zc_minmaxcheck) zero-copy decode + aminmax-based checks + aggregate"),
-    ("b_zc_nocheck", "  (b_zc_nocheck) zero-copy decode + aggregate, no checks"),
+    ("b", "(b) codec.decode x10 of the received buffers + aggregate"),
+    ("b_decode_only", "  of which codec.decode x10 (views, with checks)"),
+    ("b_check_tensors_only", "    of which codec.check_tensors x10 (finiteness etc.)"),
+    ("b_safetensors_load_only", "  for comparison: safetensors.torch.load x10 (copies)"),
     ("c", "(c) one copy_ of all reply bytes (381 MiB)"),
     ("c_each", "  (c_each) copy_ straight from the 10 payloads"),
     ("c_one_model", "  copy_ of one reply (38 MiB)"),
     ("ctx_sha256", "context: sha256 of all 10 payloads"),
-    ("ctx_bytes_copy", "context: bytes(bytearray) of all 10 payloads"),
 ]
 
 
@@ -544,7 +413,7 @@ def render(results: list[dict]) -> str:
             cells.append(f"{fl['timings'][key]['median_ms']:.1f} ({fl['timings'][key]['min_ms']:.1f})"
                          if "timings" in fl else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for key in ("a_over_c", "b_over_c", "b_minmaxcheck_over_c", "b_zc_over_c", "b_zc_minmaxcheck_over_c", "d_over_a", "d_over_b", "a_old_over_a"):
+    for key in ("a_over_c", "b_over_c", "d_over_a", "d_over_b"):
         lines.append(f"| ratio {key} | " + " | ".join(
             "n/a" if r["ratios"].get(key) is None else f"**{r['ratios'][key]:.2f}x**" for r in results) + " |")
     lines.append("| other load (cores) fedadapt / Flower | " + " | ".join(
@@ -615,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": ("Medians over --repeats runs after --warmup; within each process every repeat runs "
                    "every measurement once in a shuffled order; gc.collect() before each timing. "
                    "background_cores = CPU used by other processes / wall during that side."),
-        "acceptance": "aggregate <= 1.5 x one memory copy of the replies (a_over_c / b_zc_over_c)",
+        "acceptance": "aggregate <= 1.5 x one memory copy of the replies (a_over_c; b_over_c with decoding)",
         "repeats": args.repeats, "warmup": args.warmup,
         "machine": machine_facts(),
         "results": results,

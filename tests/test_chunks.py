@@ -515,3 +515,64 @@ def test_contract_mismatches_are_refused(ts, pick, new_name, data):
         codec.decode(payload, contract={**contract, key: TensorSpec(spec.shape, other_dtype)})
     # the contract itself is satisfied
     assert codec.decode(payload, contract=contract).keys() == ts.keys()
+
+
+# ---------------------------------------------------------------------------------- zero-copy framing
+def _reference(data: bytes):
+    """safetensors' own loader (which copies): the framing verdict fedadapt's views must agree with."""
+    from safetensors.torch import load as st_load
+    try:
+        return st_load(data)
+    except Exception:
+        return None
+
+
+def assert_framing_agrees(data: bytes) -> None:
+    ref = _reference(data)
+    try:
+        ours = codec._views(data)
+    except PayloadError as exc:
+        assert ref is None or any(t.dtype not in ALLOWED_DTYPES for t in ref.values()), (exc, ref)
+        return
+    assert ref is not None and ref.keys() == ours.keys()
+    for k, t in ref.items():
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape and bits(ours[k]) == bits(t), k
+
+
+@FAST
+@given(data=forged_safetensors() | st.binary(max_size=120))
+def test_framing_verdicts_agree_with_safetensors(data):
+    assert_framing_agrees(data)
+
+
+@SLOW
+@given(ts=st.dictionaries(names, tensors(), min_size=1, max_size=3), where=st.integers(min_value=0),
+       value=st.integers(0, 255))
+def test_corrupted_framing_verdicts_agree_with_safetensors(ts, where, value):
+    data = bytearray(st_save(ts))
+    data[where % len(data)] = value
+    assert_framing_agrees(bytes(data))
+
+
+def test_a_writable_buffer_is_decoded_without_copying_and_bytes_are_not_aliased():
+    t = torch.arange(6, dtype=torch.float32)
+    received = bytearray(st_save({"w": t}))
+    view = codec.decode(received)["w"]
+    received[-4:] = struct.pack("<f", 42.0)  # the tensor is a view of the received buffer
+    assert view[-1].item() == 42.0
+    sent = st_save({"w": t})
+    copy = codec.decode(sent)["w"]
+    copy.zero_()  # a tensor decoded from immutable bytes owns its memory
+    assert codec.decode(sent)["w"].equal(t)
+
+
+def test_a_misaligned_tensor_is_decoded_exactly():
+    """safetensors writes aligned files; a hostile one may not, and then that tensor is copied."""
+    header = {"a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    a, b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16), torch.tensor([4.5, -1.0])
+    data = struct.pack("<Q", len(text)) + text + bits(a) + bits(b)
+    out = codec.decode(bytearray(data))
+    assert out["a"].equal(a) and out["b"].equal(b)

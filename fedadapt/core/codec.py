@@ -3,15 +3,20 @@
 Everything a peer sends is hostile until `decode` has checked it: the byte size first (before any
 parsing), then the safetensors framing, then each tensor against the payload contract (names,
 dtypes, shapes) and finiteness. Only then do tensors reach a strategy.
+
+Decoding does not copy tensor data out of a writable buffer (what a receiver reassembles): the tensors
+are views into it, so a coordinator aggregates straight from the bytes it received. safetensors' own
+`load` copies every tensor, which cost the coordinator more than the aggregation itself.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from .errors import PayloadError
@@ -19,6 +24,10 @@ from .errors import PayloadError
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 ALLOWED_DTYPES = FLOAT_DTYPES | {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}
+# safetensors' names of the allowed dtypes; any other name in a header is refused as unsupported
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,75 @@ def decode(
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    try:
-        tensors = _st_load(bytes(data))
-    except Exception as exc:  # safetensors raises several types for malformed framing
-        raise PayloadError(f"payload is not valid safetensors: {exc}") from None
+    tensors = _views(data)
     check_tensors(tensors, contract)
     return tensors
+
+
+def _views(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors buffer, as views into it when it is writable (else into one copy).
+
+    The framing is held to the format: an 8-byte header length, a JSON object of entries with a known
+    dtype, a shape and [start, end) offsets whose size matches the shape, tiling the data section with
+    no gap, overlap or trailing byte.
+    """
+    buf = memoryview(data).cast("B") if memoryview(data).contiguous else memoryview(bytes(data))
+    if buf.readonly:  # tensors must not alias an immutable object
+        buf = memoryview(bytearray(buf))
+    if len(buf) < 8:
+        raise _framing("shorter than its 8-byte header length")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise _framing(f"header of {n} bytes overruns the payload")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (ValueError, RecursionError):
+        raise _framing("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _framing("header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _framing("__metadata__ must map names to strings")
+    base, entries = 8 + n, []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _framing(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = _ST_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise PayloadError(f"tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise _framing(f"entry {name!r} has a malformed shape or data_offsets")
+        start, end = offsets
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise _framing(f"tensor {name!r}: data_offsets span {end - start} bytes, its shape needs "
+                           f"{math.prod(shape) * dtype.itemsize}")
+        entries.append((start, end, name, dtype, shape))
+    filled = 0
+    for start, end, name, _, _ in sorted(entries, key=lambda e: e[:2]):
+        if start != filled:
+            raise _framing(f"tensor {name!r} starts at {start}, not at the end of the previous one ({filled})")
+        filled = end
+    if filled != len(buf) - base:
+        raise _framing(f"the tensors cover {filled} of the {len(buf) - base} data bytes")
+    return {name: _view(buf, base + start, end - start, dtype, shape) for start, end, name, dtype, shape in entries}
+
+
+def _view(buf: memoryview, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+    if offset % dtype.itemsize:  # a hostile file may misalign a tensor; kernels expect alignment: copy it
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _framing(why: str) -> PayloadError:
+    return PayloadError(f"payload is not valid safetensors: {why}")
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], contract: Contract | None = None) -> None:

@@ -79,13 +79,14 @@ class Reassembler:
         self._hash.update(chunk)
         self._filled = end
 
-    def result(self) -> bytes:
-        """The verified payload; raises if it is short or its digest does not match."""
+    def result(self) -> bytearray:
+        """The verified payload; raises if it is short or its digest does not match. Writable, so that
+        `codec.decode` can hand out its tensors as views instead of copies."""
         if not self.complete:
             raise PayloadError(f"payload truncated: {self._filled} of {self._size} bytes arrived")
         if self._hash.digest() != self._expected:
             raise PayloadError("payload corrupted: sha256 does not match its header")
-        data = b"".join(self._chunks)
+        data = bytearray().join(self._chunks)
         self._chunks = []
         return data
 
