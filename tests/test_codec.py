@@ -30,6 +30,15 @@ def test_contract_violations_are_named():
         codec.decode(data, contract={})
 
 
+def test_a_range_dimension_accepts_exactly_its_lengths():
+    contract = {"e": TensorSpec((range(2, 5), 2), torch.int32)}  # e.g. a sparse upload of 2 to 4 rows
+    for n in (2, 3, 4):
+        assert codec.decode(codec.encode({"e": torch.zeros(n, 2, dtype=torch.int32)}), contract=contract)["e"].shape == (n, 2)
+    for shape in ((1, 2), (5, 2), (3, 3), (3,)):
+        with pytest.raises(PayloadError, match=r"'e' has shape .*expected \(2\.\.4, 2\)"):
+            codec.decode(codec.encode({"e": torch.zeros(shape, dtype=torch.int32)}), contract=contract)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_rejected(bad):
     t = torch.zeros(3)

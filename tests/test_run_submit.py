@@ -1,5 +1,5 @@
 """Submit-time validation of the coordinator's RunManager, without processes: simulation-only `[attack]`
-configs are refused with one line (INVALID_ARGUMENT on the Control API, exit code 2 in the CLI) and
+and `[availability]` configs are refused with one line (INVALID_ARGUMENT on the Control API, exit code 2 in the CLI) and
 nothing is queued."""
 
 from __future__ import annotations
@@ -43,6 +43,16 @@ def test_an_attack_section_that_enables_nothing_is_accepted(manager, kind, fract
     info = manager.submit(with_attack(kind, fraction))
     assert info.status == "queued"
     assert [r.run_id for r in manager.list()] == [info.run_id]
+
+
+@pytest.mark.parametrize("pattern", ["bernoulli", "markov", "cyclic"])
+def test_a_simulated_availability_pattern_is_refused(manager, pattern):
+    with pytest.raises(ConfigError) as err:
+        manager.submit(BASE + f'\n[availability]\npattern = "{pattern}"\n')
+    msg = str(err.value)
+    assert "\n" not in msg and "[availability]" in msg and pattern in msg
+    assert manager.list() == []
+    assert manager.submit(BASE + '\n[availability]\npattern = "always"\n').status == "queued"
 
 
 class _Aborted(Exception):

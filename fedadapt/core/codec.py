@@ -32,10 +32,11 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One entry of a payload contract. `check` is the strategy's own test of the values (e.g. "is a
-    permutation"): it returns why the tensor is invalid, or None."""
+    """One entry of a payload contract. A dimension is a length, or a `range` of allowed lengths (uploads
+    whose length varies per client, e.g. Ferret's sparse coordinates). `check` is the strategy's own test
+    of the values (e.g. "is a permutation"): it returns why the tensor is invalid, or None."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int | range, ...]
     dtype: torch.dtype
     check: Callable[[torch.Tensor], str | None] | None = None
 
@@ -155,12 +156,19 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], contract: Contract | None
         raise PayloadError(f"payload has unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for name, spec in contract.items():
         t = tensors[name]
-        if tuple(t.shape) != tuple(spec.shape):
-            raise PayloadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(spec.shape)}")
+        if not _fits(tuple(t.shape), tuple(spec.shape)):
+            dims = [f"{d.start}..{d.stop - 1}" if isinstance(d, range) else str(d) for d in spec.shape]
+            expected = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"  # as a tuple prints
+            raise PayloadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected}")
         if t.dtype != spec.dtype:
             raise PayloadError(f"tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}")
         if spec.check is not None and (reason := spec.check(t)):
             raise PayloadError(f"tensor {name!r} {reason}")
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int | range, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        n in d if isinstance(d, range) else n == d for n, d in zip(shape, expected))
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -129,6 +129,38 @@ class AvailabilityConfig:
             raise ConfigError("config keys 'availability.alpha' must be > 0 and 'availability.period' >= 2")
 
 
+DP_MODES = ("none", "client", "central")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy and secure aggregation (fedadapt/privacy). Cross-section rules (which strategy
+    allows what) live in privacy/compat.py; only the section's own ranges are checked here."""
+
+    dp: str = "none"  # none | client (DP-SGD on each client, opacus) | central (server clips updates, adds noise)
+    epsilon: float = 0.0  # the budget: per client (dp = client) or for the run (dp = central); required with DP
+    delta: float = 1e-5  # keep it below 1 / (examples of the smallest client)
+    noise_multiplier: float = -1.0  # < 0: calibrated so that `planned_rounds` rounds spend `epsilon`
+    max_grad_norm: float = 1.0  # client: per-example clip; central: per-client update clip (inf: no clipping)
+    planned_rounds: int = 0  # rounds the calibration plans for (client DP: a client's participations); 0: all
+    accountant: str = "rdp"  # rdp | prv (opacus accountants)
+    secure_aggregation: bool = False  # pairwise-masked uploads: the server learns only their sum
+    secagg_frac_bits: int = 24  # fixed-point fraction bits of masked values
+
+    def __post_init__(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"config key 'privacy.dp' must be one of {', '.join(DP_MODES)}; got {self.dp!r}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"config key 'privacy.accountant' must be 'rdp' or 'prv'; got {self.accountant!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"config key 'privacy.delta' must be in (0, 1), got {self.delta}")
+        if self.epsilon < 0 or not self.max_grad_norm > 0 or self.planned_rounds < 0:
+            raise ConfigError("config keys 'privacy.epsilon' and 'privacy.planned_rounds' must be >= 0 and "
+                              "'privacy.max_grad_norm' > 0")
+        if not 8 <= self.secagg_frac_bits <= 40:
+            raise ConfigError(f"config key 'privacy.secagg_frac_bits' must be in [8, 40], got {self.secagg_frac_bits}")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -143,6 +175,7 @@ class RunConfig:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
 
     def to_dict(self) -> dict[str, Any]:

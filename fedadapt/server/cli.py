@@ -286,6 +286,9 @@ def _follow(stub, md, run_id: str) -> int:
             if r.get("accuracy") is not None:
                 parts.append(f"accuracy {r['accuracy']:.3f}")
             parts.append(f"{len(r.get('clients', []))} results")
+            eps = (r.get("strategy") or {}).get("privacy/epsilon", (r.get("strategy") or {}).get("privacy/epsilon_max"))
+            if eps is not None:  # the privacy ledger (fedadapt.privacy): epsilon spent so far
+                parts.append(f"epsilon {eps:.3f}")
             if r.get("rejected"):
                 parts.append(f"{len(r['rejected'])} rejected")
             if r.get("skipped"):

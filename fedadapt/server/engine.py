@@ -85,16 +85,25 @@ class RoundEngine:
 
     def run_round(self, rnd: int, *, last: bool = False) -> RoundRecord:
         start = time.perf_counter()
-        tasks = self.strategy.configure(rnd, self.transport.clients(), self.state)
+        tasks, messages = self.open_round(rnd, self.transport.clients())
+        replies = self.transport.run(messages, timeout=self.round_timeout)
+        return self.close_round(rnd, tasks, messages, replies, start=start, last=last)
+
+    # A round's two halves, apart so that a runtime driving the exchange itself (Flower's Strategy API,
+    # fedadapt.flower) runs this very configure, validation and aggregation rather than a copy of them.
+    def open_round(self, rnd: int, clients: list[ClientInfo]) -> tuple[dict[str, Task], list[TaskMessage]]:
+        tasks = self.strategy.configure(rnd, clients, self.state)
         messages, encoded = [], {}
         for cid, task in tasks.items():
             key = id(task.tensors)  # a broadcast dict is encoded once, whatever the number of clients
             if key not in encoded:
                 encoded[key] = codec.encode(task.tensors)
             messages.append(TaskMessage(cid, rnd, task.kind, task.config, encoded[key]))
-        bytes_down = sum(len(m.payload) for m in messages)
+        return tasks, messages
 
-        replies = self.transport.run(messages, timeout=self.round_timeout)
+    def close_round(self, rnd: int, tasks: dict[str, Task], messages: list[TaskMessage],
+                    replies: list[ResultMessage], *, start: float, last: bool = False) -> RoundRecord:
+        bytes_down = sum(len(m.payload) for m in messages)
         bytes_up = sum(len(r.payload) for r in replies)
         accepted: list[ClientResult] = []
         rejected: dict[str, str] = {}
@@ -136,6 +145,9 @@ class RoundEngine:
             raise PayloadError(f"duplicate result from client {reply.client_id!r}")
         if reply.round != rnd:
             raise PayloadError(f"stale result for round {reply.round}, the current round is {rnd}")
+        refused = reply.metrics.get("refused")  # e.g. a client at its privacy budget (fedadapt.privacy)
+        if isinstance(refused, str) and refused:
+            raise PayloadError(f"client refused the task: {refused[:300]}")
         n = reply.num_examples
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")

@@ -21,10 +21,12 @@ from fedadapt.core.errors import ConfigError, FedadaptError
 from fedadapt.core.rng import derive_seed
 from fedadapt.data.tasks import input_dim, load_task
 from fedadapt.models.build import build_model
+from fedadapt.privacy import compat as privacy_compat
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.server.engine import RoundEngine, RoundRecord
 from fedadapt.server.hub import ClientHub
 from fedadapt.server.store import Participation, RunRow, Store, StoreError
+from fedadapt.strategies import private
 from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
 
 log = logging.getLogger("fedadapt.server")
@@ -169,6 +171,7 @@ class RunManager:
         # a resumed run keeps the N it started with (strategies persist it in their state)
         registered = sum(c.revoked_at is None for c in self.store.list_clients())
         strategy, recipe = build(cfg.strategy, _settings(cfg, registered))
+        strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, run_id)  # central DP
         eval_set = loaded.featurize(task.test.features, task.test.labels).sample(
             cfg.eval.max_examples, derive_seed(cfg.seed, "eval"))
 
@@ -244,6 +247,14 @@ def _check_deployable(cfg: RunConfig) -> None:
     if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
         raise ConfigError(f"[attack] (kind {cfg.attack.kind!r}, fraction {cfg.attack.fraction:g}) is a simulation "
                           "feature (fedadapt simulate); a coordinator cannot run it: remove the [attack] section")
+    if cfg.availability.pattern != "always":
+        raise ConfigError(f"[availability] (pattern {cfg.availability.pattern!r}) simulates which virtual clients "
+                          "answer (fedadapt simulate); on a coordinator the clients that connect are the ones "
+                          "available: remove the [availability] section")
+    privacy_compat.check(cfg)
+    if cfg.privacy.dp == "client" or cfg.privacy.secure_aggregation:  # central DP is server-side and wired
+        raise ConfigError("privacy.dp = 'client' and privacy.secure_aggregation run in `fedadapt simulate` only for "
+                          "now: client daemons neither persist a privacy ledger nor register secure-aggregation keys")
 
 
 def _settings(cfg: RunConfig, num_clients: int = 0) -> RunSettings:

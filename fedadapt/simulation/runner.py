@@ -25,7 +25,9 @@ from fedadapt.client.workload import run_spec
 from fedadapt.core.config import RunConfig
 from fedadapt.data.tasks import input_dim
 from fedadapt.models.adapters import load_adapter_state
+from fedadapt.privacy import compat as privacy_compat
 from fedadapt.server.engine import RoundEngine, RoundRecord
+from fedadapt.strategies import private
 from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
 
 from . import availability
@@ -43,6 +45,7 @@ def default_out_dir(cfg: RunConfig) -> Path:
 def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, transport: str = "inprocess") -> dict:
     console = console or Console()
     t0 = time.perf_counter()
+    privacy_compat.check(cfg)  # refuse an unsafe [privacy] combination before loading anything
     with console.status("loading data and model"):
         sc = build_scenario(cfg)
     model = sc.loaded.model
@@ -59,6 +62,9 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
                                      sc.task.train.num_classes)
     if hasattr(strategy, "known_probabilities"):  # FedAU's oracle: P(available) x P(sampled)
         strategy.known_probabilities = {cid: avail.rate(cid) * per_round / len(sc.clients) for cid in sc.clients}
+    strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, cfg.name)
+    if cfg.privacy.secure_aggregation:  # the key directory a coordinator would hold from client registration
+        strategy.public_keys = {cid: recipe.public_key(cid) for cid in sc.clients}
     if cfg.availability.pattern != "always":
         console.print(f"availability {cfg.availability.pattern}: mean p {sum(avail.p.values()) / len(avail.p):.3f}, "
                       f"min {min(avail.p.values()):.3f}, max {max(avail.p.values()):.3f}")
@@ -94,6 +100,8 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
         acc = "" if rec.accuracy is None else f"  accuracy {rec.accuracy:.3f}"
         loss = "" if rec.loss is None else f"  loss {rec.loss:.4f}"
         note = f"  [red]skipped: {rec.skipped}[/]" if rec.skipped else ""
+        eps = rec.strategy.get("privacy/epsilon", rec.strategy.get("privacy/epsilon_max"))
+        note += f"  epsilon {eps:.3f}" if eps is not None else ""  # the privacy ledger so far
         note += f"  malicious {bad}/{len(rec.per_client)}" if malicious else ""
         note += f"  available {available}, took part {len(rec.clients)}" if cfg.availability.pattern != "always" else ""
         console.print(f"round {rec.round:>3}/{cfg.rounds}{loss}{acc}  up {_mb(rec.bytes_up)}  "

@@ -164,6 +164,7 @@ def _load_builtin() -> None:
     from . import frl, median  # noqa: F401
     from . import fedsb, flora, zeropad  # noqa: F401
     from . import fedau  # noqa: F401
+    from . import ferret, zo  # noqa: F401
 
 
 class StrategyBase:

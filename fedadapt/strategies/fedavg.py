@@ -114,7 +114,8 @@ class FedAvgRecipe:
         load_adapter_state(model, task.tensors)
 
     def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
-        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        trainer = train_local if privacy is None else privacy.train_local  # DP-SGD (fedadapt.privacy)
+        metrics = trainer(model, data, train_config(task.config), task.config["seed"])
         # the transport knows who this client is and stamps the result; the recipe does not need to
         return ClientResult("", len(data), adapter_state(model), metrics)
 

@@ -80,10 +80,13 @@ class FedSBRecipe:
 
     def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
         if task.config.get("fedsb_phase") == "init":
-            grads, loss = init_gradients(model, data, int(task.config["fedsb_samples"]),
-                                         int(task.config.get("batch_size", 32)), int(task.config["seed"]))
+            args = (model, data, int(task.config["fedsb_samples"]), int(task.config.get("batch_size", 32)),
+                    int(task.config["seed"]))
+            grads, loss = (init_gradients(*args) if privacy is None  # DP: clipped, noised (fedadapt.privacy)
+                           else privacy.private_gradients(*args, train_config(task.config)))
             return ClientResult("", len(data), grads, {"loss": loss})
-        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        trainer = train_local if privacy is None else privacy.train_local
+        metrics = trainer(model, data, train_config(task.config), task.config["seed"])
         return ClientResult("", len(data), adapter_state(model), metrics)
 
     def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:

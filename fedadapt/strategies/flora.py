@@ -45,7 +45,8 @@ from .base import (
     train_task,
 )
 from .fedavg import weighted_average, weights
-from .lowrank import client_rank, content_hash, hash_metric, head_of, known, lora_modules, remember
+from .lowrank import (client_rank, content_hash, hash_metric, head_of, known, lora_modules, nbytes,
+                      prune_history, remember)
 
 DELTA = ".flora_delta"  # <module>.flora_delta: the cumulative merged delta D^t of a module
 _STACK = re.compile(r"^stack/(?P<round>\d+)/(?P<module>.+)/(?P<factor>[AB])$")  # stack/<round>/<module>/A|B
@@ -86,10 +87,6 @@ def naive_delta(factors: list[tuple[torch.Tensor, torch.Tensor]], p: list[float]
     b_avg = sum(pk * sk * torch.nn.functional.pad(b.double(), (0, r - b.shape[1])) for (_, b), pk, sk in
                 zip(factors, p, s))
     return b_avg @ a_avg
-
-
-def _nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -196,7 +193,7 @@ class Flora(StrategyBase):
         dense = {k: v for k, v in state.tensors.items() if k.endswith(DELTA)}
         if version >= int(state.aux[PRUNED]):
             stacks = {k: v for k, v in state.aux.items() if (g := _STACK.match(k)) and int(g["round"]) > version}
-            if _nbytes(stacks) < _nbytes(dense):
+            if nbytes(stacks) < nbytes(dense):
                 return stacks
         return dense
 
@@ -249,7 +246,7 @@ class Flora(StrategyBase):
         # lost it, or refused the task): it gets D next time, which fits whatever it holds.
         asked_rnd, asked = self._asked
         remember(aux, sorted(asked - {r.client_id for r in results}) if asked_rnd == rnd else [], "base", -1)
-        _prune(aux, _nbytes({k: v for k, v in tensors.items() if k.endswith(DELTA)}))
+        prune_history(aux, _STACK, PRUNED, nbytes({k: v for k, v in tensors.items() if k.endswith(DELTA)}))
         hashes = {r.metrics["base_hash"] for r in results if "base_hash" in r.metrics}
         metrics = {
             "global_rank": float(sum(f[next(iter(self.modules))][0].shape[0] for f in factors)),
@@ -261,16 +258,3 @@ class Flora(StrategyBase):
             "catchup_stack_rounds": sum(r.metrics.get("catchup_stack_rounds", 0.0) for r in results),
         }
         return RoundOutcome(GlobalState(tensors, aux, rnd), metrics)
-
-
-def _prune(aux: Tensors, dense_bytes: int) -> None:
-    """Keep the newest stacks only while their total stays below D^t's size: an older client gets D^t."""
-    rounds = sorted({int(g["round"]) for g in map(_STACK.match, aux) if g}, reverse=True)
-    total = 0
-    for rnd in rounds:
-        total += _nbytes({k: v for k, v in aux.items() if k.startswith(f"stack/{rnd}/")})
-        if total >= dense_bytes:
-            for k in [k for k in aux if (g := _STACK.match(k)) and int(g["round"]) <= rnd]:
-                del aux[k]
-            aux[PRUNED] = torch.tensor(max(rnd, int(aux[PRUNED])), dtype=torch.int64)
-            return

@@ -83,3 +83,25 @@ def client_rank(client: ClientInfo, clients: list[ClientInfo], ranks: list[int])
     r = ranks[ids.index(client.client_id) % len(ranks)]
     cap = client.capabilities.get("max_lora_rank")  # a client may declare it cannot train more
     return min(r, cap) if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else r
+
+
+def nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def prune_history(aux: Tensors, pattern: re.Pattern, pruned_key: str, dense_bytes: int) -> None:
+    """Keep the newest per-round entries of `aux` (keys matching `pattern`, whose `round` group names the
+    round) only while their total stays below `dense_bytes`; rounds up to `aux[pruned_key]` are dropped, and a
+    client older than that gets the dense state instead (FLoRA's stacks, Ferret's tables)."""
+    by_round: dict[int, list[str]] = {}
+    for k in aux:
+        if g := pattern.match(k):
+            by_round.setdefault(int(g["round"]), []).append(k)
+    total = 0
+    for rnd in sorted(by_round, reverse=True):
+        total += nbytes({k: aux[k] for k in by_round[rnd]})
+        if total >= dense_bytes:
+            for k in [k for r, keys in by_round.items() if r <= rnd for k in keys]:
+                del aux[k]
+            aux[pruned_key] = torch.tensor(max(rnd, int(aux[pruned_key])), dtype=torch.int64)
+            return

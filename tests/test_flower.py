@@ -1,0 +1,146 @@
+"""Flower interop (fedadapt.flower): a strategy run through Flower's simulation runtime equals the same run in
+fedadapt's simulator, bit for bit; uploads arriving through Flower pass the engine's own checks.
+
+The Flower side runs in benchmarks/.venv-flower (created on first use, a few minutes) with this checkout
+overlaid, which keeps Flower and Ray out of the project venv: see benchmarks/flower_env.py. The simulator
+side runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedadapt.cli import main as fedadapt_main
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from flower_env import flower_python  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def flower():
+    py, env = flower_python()
+    env["OMP_NUM_THREADS"] = "1"  # as the simulator side below; Ray keeps a value already set
+    return py, env
+
+
+def scenario(tmp_path: Path, strategy: str, clients_per_round: int) -> Path:
+    """FLoRA-ready tiny Llama, one client per 'who' group (6 clients), 2-label text task."""
+    words = {0: ["apple", "pear", "plum"], 1: ["storm", "sword", "blood"]}
+    data = tmp_path / "lines.jsonl"
+    with data.open("w") as f:
+        for g in range(6):
+            for i in range(12):
+                label = (g + i) % 2
+                text = " ".join(words[label][(i + k) % 3] for k in range(4))
+                f.write(json.dumps({"text": text, "label": ["sweet", "grim"][label], "who": f"role{g}"}) + "\n")
+    path = tmp_path / f"{strategy}.toml"
+    path.write_text(f"""
+name = "flower-xcheck"
+seed = 7
+rounds = 4
+clients_per_round = {clients_per_round}
+[model]
+source = "tiny-llama"
+max_length = 16
+[adapter]
+kind = "lora"
+rank = 4
+alpha = 8.0
+target_modules = []
+[data]
+dataset = "{data}"
+partition = "natural"
+group_field = "who"
+test_fraction = 0.2
+[train]
+lr = 0.1
+local_steps = 2
+batch_size = 4
+[eval]
+every = 1
+max_examples = 16
+[strategy]
+{strategy}
+""")
+    return path
+
+
+def run_flower(flower, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    py, env = flower
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
+    p = subprocess.Popen([str(py), *args], env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # its own session: Ray's processes go too
+        out, _ = p.communicate()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, "")
+
+
+def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(flower, tmp_path):
+    # FLoRA: per-client ranks (per-node messages), catch-up of clients that missed rounds, exact stacking
+    cfg = scenario(tmp_path, 'name = "flora"\nranks = [2, 4]', clients_per_round=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Flower side too (OMP_NUM_THREADS=1): the same kernels, the same bits
+    try:
+        assert fedadapt_main(["simulate", str(cfg), "--out", str(tmp_path / "sim")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = run_flower(flower, ["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
+    assert r.returncode == 0, r.stdout[-4000:]
+
+    sim, fl = load_file(tmp_path / "sim" / "model.safetensors"), load_file(tmp_path / "flower" / "model.safetensors")
+    assert sim.keys() == fl.keys()
+    for k in sim:  # client order is fixed (the engine aggregates in client-id order), so: bit-identical
+        assert sim[k].dtype == fl[k].dtype and torch.equal(sim[k], fl[k]), k
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("sim", "flower")]
+    assert len(rows[0]) == len(rows[1]) == 4
+    # Client-side catch-up counts may differ: in the simulator the server's per-round evaluation shares the
+    # clients' model and so already brought its base up to date; the Flower clients' model lives in Ray's
+    # actor and applies the stacks itself. The base it trains on is the same (base_hash, checked by clients).
+    own = lambda r: {k: v for k, v in r["strategy"].items() if not k.startswith("catchup_")}  # noqa: E731
+    for a, b in zip(*rows):  # the same clients, losses, bytes each way and FLoRA's own round metrics
+        for key in ("round", "clients", "loss", "accuracy", "eval_loss", "bytes_up", "bytes_down", "rejected"):
+            assert a[key] == b[key], (a["round"], key)
+        assert own(a) == own(b) and b["strategy"]["base_hashes_distinct"] == 1.0, a["round"]
+    assert max(r["strategy"]["catchup_stack_rounds"] + r["strategy"]["catchup_dense"] for r in rows[1]) > 0
+    assert {r["strategy"]["global_rank"] for r in rows[1]} != {12.0}  # mixed ranks 2 and 4 were stacked
+    sim_s, fl_s = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("sim", "flower"))
+    assert sim_s["accuracy"] == fl_s["accuracy"] and sim_s["loss"] == fl_s["loss"]
+
+
+def test_uploads_through_flower_get_the_engines_checks(flower, tmp_path):
+    cfg = scenario(tmp_path, 'name = "fedavg"', clients_per_round=6)
+    r = run_flower(flower, [str(REPO / "tests" / "flower_inproc.py"), str(cfg)], timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ids = out["ids"]
+    assert out["asked"] == ids
+    assert out["accepted"] == [ids[3], ids[5]]  # ids[3] claimed to be ids[4]: the node id decides, not the claim
+    rej = out["rejected"]
+    assert "has shape (3, 3), expected" in rej[ids[0]]
+    assert "contains NaN or Inf" in rej[ids[1]]
+    assert "stale result for round 7" in rej[ids[2]]
+    assert "not valid JSON" in rej[ids[4]]
+    assert out["metrics"]["clients"] == 2 and out["metrics"]["rejected"] == 4 and out["changed"]
+    # federated evaluation: half of the 6 clients, metrics weighted by their example counts
+    assert out["evaluate_asked"] == 3 and 0.0 <= out["evaluate"]["accuracy"] <= 1.0
+    assert out["evaluate"]["num-examples"] > 0 and "loss" in out["evaluate"]
