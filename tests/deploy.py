@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -209,3 +211,34 @@ class Deployment:
     def close(self) -> None:
         for p in self.procs:
             p.kill()
+
+
+@contextmanager
+def coordinator_equals_simulation(tmp_path: Path, toml: str, clients=("role0", "role1", "role2"),
+                                  timeout: float = 180.0) -> Iterator[tuple[Deployment, str, list[dict]]]:
+    """Run `toml` in-process, then on a coordinator with one daemon per client; assert the two final models
+    are bit-identical and yield (deployment, run id, round records) for the caller's own checks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedadapt.server.store import Store
+
+    (tmp_path / "run.toml").write_text(toml)
+    d = Deployment(tmp_path, f"sqlite:///{tmp_path / 'fedadapt.db'}", tls=False)
+    try:
+        d.cli("simulate", tmp_path / "run.toml", "--out", tmp_path / "sim", "--threads", "1")
+        for name in clients:
+            d.add_client(name)
+        d.start_coordinator()
+        for name in clients:
+            d.start_client(name)
+        run_id = d.submit(toml)
+        info = d.wait_status(run_id, ("finished", "failed"), timeout=timeout)
+        assert info["status"] == "finished", d.logs()
+        got, want = load_file(info["model_path"]), load_file(tmp_path / "sim" / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        with Store(d.db_url, d.data_dir) as store:
+            records = [r for _, r in store.records(run_id)]
+        yield d, run_id, records
+    finally:
+        d.close()

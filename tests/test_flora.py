@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy import Deployment, lora_run_toml, tiny_text_file
-from safetensors.torch import load_file
+from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
 
 from fedadapt.core import codec
 from fedadapt.core.config import load_config
@@ -301,29 +300,12 @@ def test_flora_through_the_coordinator_late_clients_catch_up(tmp_path):
     data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
     toml = lora_run_toml(data, rounds=4, clients_per_round=2, min_clients=3,
                          extra='[strategy]\nname = "flora"\nranks = [2, 4, 8]')
-    (tmp_path / "run.toml").write_text(toml)
-    d = Deployment(tmp_path, f"sqlite:///{tmp_path / 'fedadapt.db'}", tls=False)
-    try:
-        d.cli("simulate", tmp_path / "run.toml", "--out", tmp_path / "sim", "--threads", "1")
-        for name in ("role0", "role1", "role2"):
-            d.add_client(name)
-        d.start_coordinator()
-        for name in ("role0", "role1", "role2"):
-            d.start_client(name)
-        run_id = d.submit(toml)
-        info = d.wait_status(run_id, ("finished", "failed"))
-        assert info["status"] == "finished", d.logs()
-        got, want = load_file(info["model_path"]), load_file(tmp_path / "sim" / "model.safetensors")
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-        with Store(d.db_url, d.data_dir) as store:
-            records = [r for _, r in store.records(run_id)]
+    with coordinator_equals_simulation(tmp_path, toml) as (_, _, records):
         assert [len(r["clients"]) for r in records] == [2, 2, 2, 2]
         assert all(r["strategy"]["base_hashes_distinct"] == 1.0 for r in records)
         assert len({r["strategy"]["base_hash"] for r in records}) == 4  # the base moves every round
         assert sum(r["strategy"]["catchup_dense"] + r["strategy"]["catchup_stack_rounds"] for r in records) > 0
         assert {r["strategy"]["global_rank"] for r in records} <= {6.0, 10.0, 12.0}
-    finally:
-        d.close()
 
 
 # ----------------------------------------------------------------------------------- the zero-padding baseline

@@ -288,34 +288,14 @@ def test_through_the_coordinator_clients_rebuild_the_servers_model(tmp_path, str
     """3 client daemons (separate processes), 2 per round: each rebuilds theta^t from what the coordinator
     sends (ZO: theta_0 and the K scalars; Ferret: the missed tables or the dense model) and checks its hash;
     the final model equals the in-process simulation's bit for bit."""
-    from deploy import Deployment, lora_run_toml, tiny_text_file
-    from safetensors.torch import load_file
-
-    from fedadapt.server.store import Store
+    from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
 
     data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
     toml = lora_run_toml(data, rounds=4, clients_per_round=2, min_clients=3, extra=f"[strategy]\n{strategy_toml}")
-    (tmp_path / "run.toml").write_text(toml)
-    d = Deployment(tmp_path, f"sqlite:///{tmp_path / 'fedadapt.db'}", tls=False)
-    try:
-        d.cli("simulate", tmp_path / "run.toml", "--out", tmp_path / "sim", "--threads", "1")
-        for name in ("role0", "role1", "role2"):
-            d.add_client(name)
-        d.start_coordinator()
-        for name in ("role0", "role1", "role2"):
-            d.start_client(name)
-        run_id = d.submit(toml)
-        info = d.wait_status(run_id, ("finished", "failed"), timeout=300)
-        assert info["status"] == "finished", d.logs()
-        got, want = load_file(info["model_path"]), load_file(tmp_path / "sim" / "model.safetensors")
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-        with Store(d.db_url, d.data_dir) as store:
-            records = [r for _, r in store.records(run_id)]
+    with coordinator_equals_simulation(tmp_path, toml, timeout=300) as (_, _, records):
         assert [len(r["clients"]) for r in records] == [2, 2, 2, 2] and not any(r["rejected"] for r in records)
         assert all(r["strategy"]["model_hashes_distinct"] == 1.0 for r in records)
         assert len({r["strategy"]["model_hash"] for r in records}) == 4  # the model moves every round
-    finally:
-        d.close()
 
 
 def test_filling_a_buffer_draws_the_canonical_stream():
