@@ -25,6 +25,7 @@ from fedadapt.cli import main as fedadapt_main
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from deploy import lora_run_toml  # noqa: E402
 from flower_env import flower_python  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,34 +49,8 @@ def scenario(tmp_path: Path, strategy: str, clients_per_round: int) -> Path:
                 text = " ".join(words[label][(i + k) % 3] for k in range(4))
                 f.write(json.dumps({"text": text, "label": ["sweet", "grim"][label], "who": f"role{g}"}) + "\n")
     path = tmp_path / f"{strategy}.toml"
-    path.write_text(f"""
-name = "flower-xcheck"
-seed = 7
-rounds = 4
-clients_per_round = {clients_per_round}
-[model]
-source = "tiny-llama"
-max_length = 16
-[adapter]
-kind = "lora"
-rank = 4
-alpha = 8.0
-target_modules = []
-[data]
-dataset = "{data}"
-partition = "natural"
-group_field = "who"
-test_fraction = 0.2
-[train]
-lr = 0.1
-local_steps = 2
-batch_size = 4
-[eval]
-every = 1
-max_examples = 16
-[strategy]
-{strategy}
-""")
+    path.write_text(lora_run_toml(data, rounds=4, clients_per_round=clients_per_round,
+                                  extra=f"[strategy]\n{strategy}"))
     return path
 
 
