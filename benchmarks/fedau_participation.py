@@ -28,6 +28,8 @@ from fedadapt.simulation.runner import simulate
 
 SCENARIO = "simulations/fedau-digits.toml"
 RESULTS = Path(__file__).parent / "results"
+TITLES = {"fedau-digits": "digits, 100 clients, Dirichlet 0.1, participation tied to labels",
+          "fedau-mnist1d": "MNIST-1D, 100 clients, Dirichlet 0.1, participation tied to labels"}
 LABELS = {"fedau": "FedAU (K = inf)", "participating": "FedAvg (average over participants)",
           "all": "average over all N", "known": "known 1/p (oracle)"}
 
@@ -36,11 +38,12 @@ def label(method: str) -> str:
     return LABELS.get(method) or f"FedAU (K = {method.partition('-k')[2]})"
 
 
-def run(method: str, seed: int, lr: float, server_lr: float, rounds: int, extra: list[str]) -> dict:
+def run(method: str, seed: int, lr: float, server_lr: float, rounds: int, extra: list[str],
+        scenario: str = SCENARIO) -> dict:
     weighting, _, cutoff = method.partition("-k")  # "fedau-k50": FedAU with cutoff K = 50
     overrides = [f"seed={seed}", f"rounds={rounds}", f'strategy.weighting="{weighting}"', f"train.lr={lr}",
                  f"strategy.server_lr={server_lr}", *([f"strategy.cutoff={cutoff}"] if cutoff else []), *extra]
-    cfg = load_config(SCENARIO, overrides)
+    cfg = load_config(scenario, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = simulate(cfg, Path(tmp), console=Console(quiet=True))
@@ -59,8 +62,10 @@ def main() -> None:
     # digits has 1437 training examples: a Dirichlet(0.1) split over 100 clients leaves some client empty for
     # most seeds (the run then stops with a DataError). These are the first five seeds, and the first seed
     # from 100 on, whose split gives every client an example; chosen before any accuracy was seen.
+    ap.add_argument("--scenario", default=SCENARIO, help="scenario file (simulations/fedau-*.toml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 4, 7, 8, 9])
-    ap.add_argument("--tune-seed", type=int, default=102)
+    ap.add_argument("--tune-seed", type=int, default=102,
+                    help="-1: no tuning run; every method uses the one pair given by --lrs and --server-lrs")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--methods", nargs="+", default=["fedau", "participating", "known", "all"],
                     help="weightings of the fedau strategy; fedau-kK is FedAU with cutoff K")
@@ -74,48 +79,59 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
-        table = [t for part in parts for t in part["table"]]
         runs = [r for part in parts for r in part["runs"]]
-        report(table, runs, RESULTS / f"{args.out}.png")
+        # parts may split one method's seeds; the table is recomputed from the runs
+        table = summarize(list(dict.fromkeys(r["method"] for r in runs)),
+                          {r["method"]: (r["lr"], r["server_lr"]) for r in runs}, runs)
+        report(table, runs, RESULTS / f"{args.out}.png", parts[0].get("scenario", SCENARIO))
         return
     torch.set_num_threads(1)
 
     tuning, chosen = [], {}
-    for method in args.methods:
+    for method in args.methods if args.tune_seed >= 0 else []:
         scale = 10.0 if method == "all" else 1.0
         for lr, slr in itertools.product(args.lrs, args.server_lrs):
-            r = run(method, args.tune_seed, lr, slr * scale, args.rounds, args.extra)
+            r = run(method, args.tune_seed, lr, slr * scale, args.rounds, args.extra, args.scenario)
             tuning.append({k: v for k, v in r.items() if k != "curve"})
             print(f"tune {method:14s} lr {lr:<5} server_lr {slr * scale:<5} last-5 mean {r['last5_mean']:.3f} "
                   f"({r['seconds']:.0f}s)", flush=True)
         best = max((t for t in tuning if t["method"] == method), key=lambda t: t["last5_mean"])
         chosen[method] = (best["lr"], best["server_lr"])
+    if args.tune_seed < 0:
+        if len(args.lrs) != 1 or len(args.server_lrs) != 1:
+            ap.error("--tune-seed -1 needs exactly one --lrs and one --server-lrs value")
+        chosen = {m: (args.lrs[0], args.server_lrs[0] * (10.0 if m == "all" else 1.0)) for m in args.methods}
 
     runs = []
     for method, seed in itertools.product(args.methods, args.seeds):
         lr, slr = chosen[method]
-        r = run(method, seed, lr, slr, args.rounds, args.extra)
+        r = run(method, seed, lr, slr, args.rounds, args.extra, args.scenario)
         runs.append(r)
         print(f"{method:14s} seed {seed} final {r['final_accuracy']:.3f} last-5 mean {r['last5_mean']:.3f} "
               f"available {r['available_median']:.0f} took part {r['took_part_median']:.0f} ({r['seconds']:.0f}s)",
               flush=True)
 
+    table = summarize(args.methods, chosen, runs)
+    RESULTS.mkdir(exist_ok=True)
+    out = {"scenario": args.scenario, "rounds": args.rounds, "seeds": args.seeds, "tune_seed": args.tune_seed,
+           "overrides": args.extra, "tuning": tuning, "table": table, "runs": runs}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
+    report(table, runs, RESULTS / f"{args.out}.png", args.scenario)
+
+
+def summarize(methods, chosen: dict[str, tuple[float, float]], runs: list[dict]) -> list[dict]:
     table = []
-    for method in args.methods:
+    for method in methods:
         mine = [r for r in runs if r["method"] == method]
         table.append({"method": method, "lr": chosen[method][0], "server_lr": chosen[method][1],
                       "median_final": statistics.median(r["final_accuracy"] for r in mine),
                       "median_last5": statistics.median(r["last5_mean"] for r in mine),
                       "per_seed_final": [round(r["final_accuracy"], 3) for r in mine]})
-    RESULTS.mkdir(exist_ok=True)
-    out = {"scenario": SCENARIO, "rounds": args.rounds, "seeds": args.seeds, "tune_seed": args.tune_seed,
-           "overrides": args.extra, "tuning": tuning, "table": table, "runs": runs}
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
-    report(table, runs, RESULTS / f"{args.out}.png")
+    return table
 
 
-def report(table: list[dict], runs: list[dict], png: Path) -> None:
-    plot(runs, [t["method"] for t in table], png)
+def report(table: list[dict], runs: list[dict], png: Path, scenario: str = SCENARIO) -> None:
+    plot(runs, [t["method"] for t in table], png, TITLES.get(Path(scenario).stem, Path(scenario).stem))
     print("\n| method | lr, server lr | median final accuracy | median of last-5 evals | per seed: final (last-5) |")
     print("|---|---|---|---|---|")
     for t in table:
@@ -125,7 +141,7 @@ def report(table: list[dict], runs: list[dict], png: Path) -> None:
               f"{t['median_last5']:.3f} | {seeds} |")
 
 
-def plot(runs: list[dict], methods: list[str], path: Path) -> None:
+def plot(runs: list[dict], methods: list[str], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +156,7 @@ def plot(runs: list[dict], methods: list[str], path: Path) -> None:
         ax.fill_between(rounds, [min(v) for v in by_round], [max(v) for v in by_round], alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (median over seeds)")
-    ax.set_title("digits, 100 clients, Dirichlet 0.1, participation tied to labels")
+    ax.set_title(title or TITLES["fedau-digits"])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -10,6 +10,7 @@ less. Bytes are what the engine counted on the wire (safetensors payloads), summ
     .venv/bin/python benchmarks/lora_exact.py --seeds 0 1 2 --rounds 25 --clients-per-round 16   # quickstart size
     .venv/bin/python benchmarks/lora_exact.py --seeds 0 --rounds 10 --clients-per-round 8    # what BENCHMARKS.md shows
     .venv/bin/python benchmarks/lora_exact.py --report     # the table of benchmarks/results/lora_exact.json
+    .venv/bin/python benchmarks/lora_exact.py --report a.json b.json   # one table of runs saved in two files
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ METHODS = {  # name -> (description, overrides)
     "flora": (f"FLoRA stacking (ranks {HETERO})", [f'strategy={{name="flora", ranks={HETERO}}}']),
     "fedsb": ("Fed-SB (r=16; round 1 = init from 2 clients' gradients)",
               ["adapter.rank=16", 'strategy={name="fedsb", init_clients=2, init_samples=32}']),
+    "fedsb_sign": ("Fed-SB (r=16; round 1 = init from 2 clients' gradient signs, 1 bit each)",
+                   ["adapter.rank=16", 'strategy={name="fedsb", init_clients=2, init_samples=32, init_upload="sign"}']),
+    "fedsb_vote": ("Fed-SB (r=16; round 1 = init from the sign votes of all the round's clients, 1 bit each)",
+                   ["adapter.rank=16", 'strategy={name="fedsb", init_clients=0, init_samples=32, init_upload="sign"}']),
 }
 
 
 def run(seed: int, rounds: int, per_round: int, final: int, overrides: list[str]) -> dict:
+    """One `fedadapt simulate` of the quickstart scenario with `overrides`; its accuracy, bytes and rounds."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [str(FEDADAPT), "simulate", str(ROOT / "simulations/quickstart.toml"), "--out", out]
         for o in [f"seed={seed}", f"rounds={rounds}", f"clients_per_round={per_round}",
@@ -70,18 +76,22 @@ def main() -> None:
     ap.add_argument("--clients-per-round", type=int, default=8)
     ap.add_argument("--final-examples", type=int, default=500, help="per held-out set, for the final accuracy")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--report", action="store_true", help="print the table of the saved results, run nothing")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every method's run (e.g. train.lr=0.6), after the method's own")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lora_exact.json")
+    ap.add_argument("--report", type=Path, nargs="*",
+                    help="print the table of saved results (default: --out; several files: their runs merged), run nothing")
     args = ap.parse_args()
-    out = ROOT / "benchmarks/results/lora_exact.json"
-    if args.report:
-        return report(json.loads(out.read_text()))
-    results: dict = {"args": vars(args), "methods": {}}
+    out = args.out
+    if args.report is not None:
+        return report(merged([json.loads(p.read_text()) for p in args.report or [out]]))
+    results: dict = {"args": {**vars(args), "out": str(out)}, "methods": {}}
     for name in args.methods:
         desc, overrides = METHODS[name]
         results["methods"][name] = {"description": desc, "overrides": overrides, "runs": []}
     for seed in args.seeds:  # every method for a seed, then the next seed; results are saved as they come
         for name in args.methods:
-            overrides = METHODS[name][1]
+            overrides = METHODS[name][1] + args.extra
             row = run(seed, args.rounds, args.clients_per_round, args.final_examples, overrides)
             results["methods"][name]["runs"].append({"seed": seed, **row})
             out.write_text(json.dumps(results, indent=2))
@@ -90,30 +100,54 @@ def main() -> None:
     report(results)
 
 
+def merged(files: list[dict]) -> dict:
+    """One result set from runs saved in several files (e.g. seeds run side by side); args of the first."""
+    results = {"args": files[0]["args"], "methods": {}}
+    for f in files:
+        for name, m in f["methods"].items():
+            results["methods"].setdefault(name, {**m, "runs": []})["runs"] += m["runs"]
+    return results
+
+
 def report(results: dict) -> None:
+    """Medians per method over the seeds it finished, then every seed's accuracy next to FedAvg-LoRA's."""
     args = argparse.Namespace(**results["args"])
-    # a run cut short: report the seeds every method finished
-    seeds = sorted(set.intersection(*({r["seed"] for r in m["runs"]} for m in results["methods"].values())))
-    for m in results["methods"].values():
-        m["runs"] = [r for r in m["runs"] if r["seed"] in seeds]
-    med = lambda runs, k: statistics.median(r[k] for r in runs)
-    base = results["methods"].get("fedavg")
-    print(f"\nmedians over seeds {seeds}; {args.rounds} rounds, {args.clients_per_round} roles per round; "
-          f"accuracy on {args.final_examples} held-out examples per set\n")
-    print("| method | accuracy, held-out passages | accuracy, unseen roles | uplink total | of which init "
+    methods = {k: m for k, m in results["methods"].items() if m["runs"]}  # a run cut short: what finished
+    med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
+    base = methods.get("fedavg")
+    print(f"\n{args.rounds} rounds, {args.clients_per_round} roles per round; accuracy on {args.final_examples} "
+          "held-out examples per set; medians over each method's seeds\n")
+    print("| method | seeds | accuracy, held-out passages | accuracy, unseen roles | uplink total | of which init "
           "| uplink per client-round | downlink total | uplink vs FedAvg-LoRA (total / per client-round) |")
-    print("|---|---|---|---|---|---|---|---|")
-    runs0 = next(iter(results["methods"].values()))["runs"]
-    print(f"| majority class | {med(runs0, 'majority'):.3f} | {med(runs0, 'majority_unseen'):.3f} | | | | | |")
-    for m in results["methods"].values():
+    print("|---|---|---|---|---|---|---|---|---|")
+    every = [r for m in methods.values() for r in m["runs"]]
+    print(f"| majority class | | {med(every, 'majority'):.3f} | {med(every, 'majority_unseen'):.3f} | | | | | |")
+    for m in methods.values():
         runs = m["runs"]
-        fewer = lambda k: med(base["runs"], k) / med(runs, k)  # noqa: B023
+        fewer = lambda k: med(base["runs"], k) / med(runs, k)  # noqa: B023, E731
         ratio = f"{fewer('bytes_up'):.1f}x fewer / {fewer('up_per_client_round'):.1f}x" if base else "-"
-        print(f"| {m['description']} | {med(runs, 'accuracy'):.3f} | {med(runs, 'accuracy_unseen'):.3f} | "
-              f"{med(runs, 'bytes_up') / 1e6:.2f} MB | {med(runs, 'init_bytes_up') / 1e6:.2f} MB | "
-              f"{med(runs, 'up_per_client_round') / 1e3:.1f} kB | {med(runs, 'bytes_down') / 1e6:.2f} MB | {ratio} |")
-    if "flora" in results["methods"]:
-        errs = [e for r in results["methods"]["flora"]["runs"] for e in r["exactness_error_rel"] if e is not None]
+        print(f"| {m['description']} | {', '.join(str(r['seed']) for r in runs)} | {med(runs, 'accuracy'):.3f} | "
+              f"{med(runs, 'accuracy_unseen'):.3f} | {med(runs, 'bytes_up') / 1e6:.2f} MB | "
+              f"{med(runs, 'init_bytes_up') / 1e6:.2f} MB | {med(runs, 'up_per_client_round') / 1e3:.1f} kB | "
+              f"{med(runs, 'bytes_down') / 1e6:.2f} MB | {ratio} |")
+    seeds = sorted({r["seed"] for r in every})
+    print("\nper seed, accuracy held-out passages / unseen roles (difference to FedAvg-LoRA's, in points)\n")
+    print("| method | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    ref = {r["seed"]: r for r in base["runs"]} if base else {}
+    for m in methods.values():
+        by_seed = {r["seed"]: r for r in m["runs"]}
+        cells = []
+        for s in seeds:
+            r = by_seed.get(s)
+            cell = "-" if r is None else f"{r['accuracy']:.3f} / {r['accuracy_unseen']:.3f}"
+            if r is not None and s in ref and m is not base:
+                cell += (f" ({100 * (r['accuracy'] - ref[s]['accuracy']):+.1f} / "
+                         f"{100 * (r['accuracy_unseen'] - ref[s]['accuracy_unseen']):+.1f})")
+            cells.append(cell)
+        print(f"| {m['description']} | " + " | ".join(cells) + " |")
+    if "flora" in methods:
+        errs = [e for r in methods["flora"]["runs"] for e in r["exactness_error_rel"] if e is not None]
         print(f"\nFLoRA exactness_error_rel (||naive A/B average - exact|| / ||exact||, per round): "
               f"median {statistics.median(errs):.3f}, min {min(errs):.3f}, max {max(errs):.3f}")
 

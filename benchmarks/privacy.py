@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--skip-secagg", action="store_true")
     ap.add_argument("--secagg-micro-only", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/privacy.json")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every accuracy run (e.g. strategy.init_upload=gradient)")
     args = ap.parse_args()
     out = ROOT / args.out
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -99,7 +101,7 @@ def main() -> None:
                 dp = [] if math.isinf(eps) else ["privacy.dp=client", f"privacy.epsilon={eps}",
                                                  f"privacy.max_grad_norm={args.clip}",
                                                  f"privacy.planned_rounds={args.planned_rounds}"]
-                row = simulate(SCENARIOS[name], common + dp)
+                row = simulate(SCENARIOS[name], common + dp + args.extra)
                 acc.setdefault(name, {})[str(eps)] = row
                 print(f"{name} epsilon {eps}: accuracy {row['accuracy']:.3f} (unseen {row['accuracy_unseen']:.3f}), "
                       f"spent {row['epsilon_max_spent']}, refused {row['refused_budget']}, {row['wall_s']:.0f}s",

@@ -18,7 +18,7 @@ from fedadapt.server.engine import ResultMessage, RoundEngine
 from fedadapt.server.store import Store
 from fedadapt.simulation.scenario import build_scenario
 from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, Task, build
-from fedadapt.strategies.fedsb import FROZEN_HASH, A, B, R, frozen_hash
+from fedadapt.strategies.fedsb import FROZEN_HASH, SIGNS, A, B, R, frozen_hash, pack_signs, unpack_votes
 from fedadapt.strategies.lowrank import content_hash
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -106,6 +106,58 @@ def test_init_round_forms_the_sign_step_of_the_summed_gradients():
     assert bytes(out.state.aux[FROZEN_HASH].tolist()).hex() == frozen_hash(out.state.tensors)
 
 
+def test_sign_votes_pack_to_one_bit_per_entry_and_unpack_exactly():
+    g = torch.tensor([[0.5, -1.0, 0.0], [2.0, 1e-30, -3.0], [-0.1, 7.0, 0.2]], dtype=D)  # 9 entries: 2 bytes
+    bits = pack_signs(g)
+    assert bits.dtype == torch.uint8 and bits.shape == (2,)
+    want = torch.tensor([[1, -1, -1], [1, 1, -1], [-1, 1, 1]], dtype=D)  # an exact 0 votes negative
+    assert torch.equal(unpack_votes(bits, (3, 3)), want)
+
+
+def test_sign_upload_with_one_init_client_gives_the_gradient_upload_init():
+    g = torch.Generator().manual_seed(3)
+    grads = {f"{mod}.grad": torch.randn(4, 5, generator=g, dtype=D) for mod in (M1, M2)}
+    states = []
+    for mode in ("gradient", "sign"):
+        s = strategy(init_upload=mode)
+        up = grads if mode == "gradient" else {k[: -len(".grad")] + SIGNS: pack_signs(v) for k, v in grads.items()}
+        states.append(s.aggregate(1, [ClientResult("c0", 3, up)], s.init_state(spec())).state)
+    assert states[0].tensors.keys() == states[1].tensors.keys()
+    assert all(torch.equal(states[0].tensors[k], states[1].tensors[k]) for k in states[0].tensors)
+
+
+def test_sign_upload_takes_the_majority_vote_and_is_32x_smaller():
+    s = strategy(init_upload="sign", init_lr=0.01)
+    state = s.init_state(spec())
+    contract = s.upload_contract(state)
+    assert contract[M1 + SIGNS].shape == (3,) and contract[M1 + SIGNS].dtype == torch.uint8  # ceil(4 * 5 / 8)
+    g = torch.Generator().manual_seed(4)
+    grads = [{mod: torch.randn(4, 5, generator=g, dtype=D) for mod in (M1, M2)} for _ in range(3)]
+    grads[0][M1] *= 1e6  # one huge gradient outvotes nobody: each client has one vote per entry
+    out = s.aggregate(1, [ClientResult(f"c{i}", 3, {m + SIGNS: pack_signs(v) for m, v in gr.items()})
+                          for i, gr in enumerate(grads)], state)
+    for mod in (M1, M2):
+        step = -0.01 * torch.sign(sum(torch.sign(gr[mod]) for gr in grads))
+        b, a, r0, _ = lorasb_init(step, 2)
+        st = out.state.tensors
+        assert torch.equal(st[mod + B], b) and torch.equal(st[mod + A], a) and torch.equal(st[mod + R], r0)
+    big, small = strategy(init_upload="gradient"), strategy(init_upload="sign")
+    big, small = (x.upload_contract(x.init_state(spec(384, 384))) for x in (big, small))
+    nbytes = lambda c: sum(torch.Size(t.shape).numel() * t.dtype.itemsize for t in c.values())  # noqa: E731
+    assert nbytes(big) == 64 * nbytes(small)  # fp64 gradients here: 64 bits per entry against 1
+
+
+@pytest.mark.parametrize("privacy", ["secure_aggregation = true", 'dp = "central"\nepsilon = 3'])
+def test_sign_upload_is_refused_where_uploads_are_summed_under_masks_or_noised(privacy):
+    from fedadapt.core.config import load_config_text
+    from fedadapt.privacy import compat
+
+    text = '[strategy]\nname = "fedsb"\ninit_upload = "{}"\n[privacy]\n' + privacy
+    compat.check(load_config_text(text.format("gradient")))
+    with pytest.raises(ConfigError, match="init_upload = 'sign' sends packed sign bits"):
+        compat.check(load_config_text(text.format("sign")))
+
+
 def test_message_size_is_sum_of_r_squared_plus_head_whatever_the_number_of_clients():
     sizes = []
     for c in (2, 10):
@@ -175,6 +227,8 @@ def test_unknown_options_are_refused_by_name():
         strategy(alpha=4.0)  # alpha = r is fixed, not an option
     with pytest.raises(ConfigError, match="init_lr"):
         strategy(init_lr=0.0)
+    with pytest.raises(ConfigError, match="init_upload"):
+        strategy(init_upload="bits")
 
 
 def test_alpha_equals_rank_so_the_adapted_layer_is_w0_plus_bra():
@@ -251,13 +305,16 @@ def test_state_survives_a_commit(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- real coordinator
-def test_fedsb_through_the_coordinator_equals_the_simulation(tmp_path):
+@pytest.mark.parametrize("init_upload", ["gradient", "sign"])
+def test_fedsb_through_the_coordinator_equals_the_simulation(tmp_path, init_upload):
     data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
-    toml = lora_run_toml(data, rounds=3, extra='[strategy]\nname = "fedsb"\ninit_samples = 8')
+    toml = lora_run_toml(data, rounds=3, extra=f'[strategy]\nname = "fedsb"\ninit_samples = 8\ninit_upload = "{init_upload}"')
     with coordinator_equals_simulation(tmp_path, toml) as (d, run_id, records):
         with Store(d.db_url, d.data_dir) as store:
             commit = store.last_commit(run_id)
         assert records[0]["strategy"]["init_clients"] == 3.0 and all(not r["rejected"] for r in records)
         ups = [r["bytes_up"] for r in records]
-        assert ups[1] == ups[2] and ups[1] * 10 < ups[0]  # R + head per client vs the one-off gradients
+        assert ups[1] == ups[2]
+        if init_upload == "gradient":
+            assert ups[1] * 10 < ups[0]  # R + head per client vs the one-off gradients
         assert bytes(commit.aux[FROZEN_HASH].tolist()).hex() == frozen_hash(commit.tensors)

@@ -351,13 +351,12 @@ def test_task_gets_settings_and_recipe_wraps_only_what_is_on():
     assert isinstance(next(iter(tasks.values())), Task)
 
 
-def test_a_coordinator_runs_central_dp_and_refuses_what_only_the_simulator_wires():
+def test_a_coordinator_runs_every_privacy_mode_and_refuses_unsafe_combinations():
     from fedadapt.server.runs import _check_deployable
 
-    _check_deployable(cfg('dp = "central"\nepsilon = 3'))
-    for extra in ('dp = "client"\nepsilon = 3', "secure_aggregation = true"):
-        with pytest.raises(ConfigError, match="fedadapt simulate"):
-            _check_deployable(cfg(extra))
+    for extra in ('dp = "central"\nepsilon = 3', 'dp = "client"\nepsilon = 3', "secure_aggregation = true",
+                  'dp = "client"\nepsilon = 3\nsecure_aggregation = true'):
+        _check_deployable(cfg(extra))
     with pytest.raises(ConfigError, match="individually"):
         _check_deployable(cfg("secure_aggregation = true", "flora"))
 
@@ -390,7 +389,8 @@ def test_fedsb_with_client_dp_and_secure_aggregation_end_to_end(tmp_path):
     out = tmp_path / "run"
     sets = ["model.source=tiny-llama", f"data.dataset={tmp_path / 'lines.jsonl'}", "data.group_field=who",
             "adapter.target_modules=[]", "adapter.rank=2", "rounds=3", "clients_per_round=3", "train.batch_size=4",
-            "strategy.init_clients=2", "strategy.init_samples=4", "privacy.dp=client", "privacy.epsilon=8",
+            "strategy.init_clients=2", "strategy.init_samples=4", "strategy.init_upload=gradient",
+            "privacy.dp=client", "privacy.epsilon=8",
             "privacy.secure_aggregation=true", "eval.every=1"]
     assert main(["simulate", "simulations/fedsb.toml", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

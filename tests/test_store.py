@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from fedadapt.core import codec
 from fedadapt.core.errors import AuthError, FedadaptError
 from fedadapt.server.blobs import BlobStore
-from fedadapt.server.store import Participation, Store, StoreError, hash_token, normalize_url
+from fedadapt.server.store import SCHEMA_VERSION, Participation, Store, StoreError, hash_token, normalize_url
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_reopen_sees_everything(db_url, tmp_path):
         commit(s, run_id, 1)
         commit(s, run_id, 2)
     with Store(db_url, tmp_path / "blobs") as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == SCHEMA_VERSION
         assert [(c.name, c.revoked_at is not None) for c in s.list_clients()] == [("alice", True), ("bob", False)]
         s.check_client("bob", "tok-b")
         run = s.get_run(run_id)
@@ -343,7 +343,7 @@ def test_future_schema_version_is_refused(db_url, tmp_path):
     with engine.begin() as conn:
         conn.execute(text("UPDATE schema_version SET version = 99"))
     engine.dispose()
-    with pytest.raises(StoreError, match="schema version 99, newer than this fedadapt supports \\(1\\)"):
+    with pytest.raises(StoreError, match=f"schema version 99, newer than this fedadapt supports \\({SCHEMA_VERSION}\\)"):
         Store(db_url, tmp_path / "blobs")
 
 

@@ -41,6 +41,7 @@ class Upload:
     run_id: str
     round: int
     kind: str
+    config_json: str  # the task it answers: a re-sent task with another config (e.g. other peers) is new work
     num_examples: int
     metrics: dict[str, float]
     payload: bytes
@@ -132,9 +133,10 @@ class ClientAgent:
         return True
 
     def _handle(self, header: pb.TaskHeader, payload: bytes) -> Upload:
-        if self._last is not None and (self._last.run_id, self._last.round, self._last.kind) == (
-                header.run_id, header.round, header.kind):
-            return self._last  # asked again after a coordinator restart: same inputs, same answer
+        last = self._last
+        if last is not None and (last.run_id, last.round, last.kind, last.config_json) == (
+                header.run_id, header.round, header.kind, header.config_json):
+            return last  # asked again after a coordinator restart: same inputs, same answer
         if self._workload is None or self._workload[0] != header.run_id:
             self._workload = None  # release the previous run's model first
             self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
@@ -152,7 +154,7 @@ class ClientAgent:
                 metrics, n, out = result.metrics, result.num_examples, codec.encode(result.tensors)
         loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
         self.log(f"round {header.round}: {task.kind} on {n} examples{loss} in {time.perf_counter() - start:.1f}s")
-        return Upload(header.run_id, header.round, header.kind, n, metrics, out)
+        return Upload(header.run_id, header.round, header.kind, header.config_json, n, metrics, out)
 
     def _push(self, channel: grpc.Channel, session: str, up: Upload) -> None:
         header = pb.ResultHeader(session=session, run_id=up.run_id, round=up.round, num_examples=up.num_examples,

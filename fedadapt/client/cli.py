@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
     data.add_argument("--data", type=Path, help="this machine's examples: a .jsonl or .csv file")
     data.add_argument("--partition", help="demo/test: train on partition ID of the run's own bundled dataset")
     start.add_argument("--model", help="where the run's base model is on this machine (HF directory)")
+    start.add_argument("--state-dir", type=Path,
+                       help="where this client keeps its privacy ledger and secure-aggregation key "
+                            "(default: the credentials folder)")
     start.add_argument("--max-payload-mb", type=int, default=256, help="largest task accepted (default 256)")
     start.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     start.add_argument("--max-lora-rank", type=int, default=0,
@@ -46,14 +49,34 @@ def dispatch(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     creds = load_credentials(args.credentials, args.name)
 
-    def make_workload(spec):
-        return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model)
+    log = lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    state, capabilities = _privacy_state(args.state_dir or args.credentials, log)
 
-    capabilities = {"max_lora_rank": args.max_lora_rank} if args.max_lora_rank > 0 else {}
+    def make_workload(spec):
+        return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model,
+                              state=state)
+
+    if args.max_lora_rank > 0:
+        capabilities["max_lora_rank"] = args.max_lora_rank
     agent = ClientAgent(args.coordinator, creds, make_workload, insecure=args.insecure, capabilities=capabilities,
                         max_payload_bytes=args.max_payload_mb * 1024 * 1024,
-                        log=lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True))
+                        log=log)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=agent.stop, daemon=True).start())
     agent.run()
     return 0
+
+
+def _privacy_state(folder: Path, log):
+    """This client's privacy state and the capability it declares at Join (its secure-aggregation public key).
+    A read-only folder (e.g. credentials mounted read-only) still serves runs without client-side privacy."""
+    from fedadapt.client.state import ClientState
+    from fedadapt.privacy import secagg
+
+    state = ClientState(folder)
+    try:
+        return state, {"secagg_key": secagg.public_hex(state.secagg_key())}
+    except OSError as exc:
+        log(f"cannot keep privacy state in {folder} ({exc.strerror or exc}); runs with client DP or secure "
+            "aggregation need a writable --state-dir")
+        return None, {}

@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
+from fedadapt.client.state import ClientState
 from fedadapt.core.config import RunConfig, from_dict
-from fedadapt.core.errors import DataError
+from fedadapt.core.errors import ConfigError, DataError
 from fedadapt.data import load_file
-from fedadapt.data.tasks import client_partitions, input_dim, load_task
+from fedadapt.data.tasks import client_partitions, load_task
 from fedadapt.models.build import build_model
 from fedadapt.models.classifier import Features
 from fedadapt.strategies.base import ClientRecipe, recipe_for
+from fedadapt.strategies.private import PrivateRecipe
 
 
 @dataclass
@@ -36,8 +38,9 @@ def run_spec(cfg: RunConfig, label_names: list[str], width: int) -> dict[str, An
 
 
 def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_file: Path | None = None,
-                   model_source: str | None = None) -> Workload:
+                   model_source: str | None = None, state: ClientState | None = None) -> Workload:
     cfg = from_dict(RunConfig, spec["config"])
+    recipe = _private_recipe(recipe_for(cfg.strategy["name"]), cfg, str(spec.get("run_id", "")), state)
     if model_source:
         cfg = replace(cfg, model=replace(cfg.model, source=model_source))
     labels = list(spec["label_names"])
@@ -64,7 +67,18 @@ def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_f
         raise DataError("a client needs --data FILE or --partition ID")
     if len(data) == 0:
         raise DataError("this client has no training examples")
-    return Workload(loaded.model, recipe_for(cfg.strategy["name"]), data)
+    return Workload(loaded.model, recipe, data)
+
+
+def _private_recipe(recipe: ClientRecipe, cfg: RunConfig, run_id: str, state: ClientState | None) -> ClientRecipe:
+    """The recipe under the run's [privacy]: DP-SGD with this daemon's ledger on disk, masking with its key."""
+    p = cfg.privacy
+    if p.dp != "client" and not p.secure_aggregation:
+        return recipe  # central DP happens on the server
+    if state is None or not run_id:
+        raise ConfigError("this run uses client DP or secure aggregation, which need this client's state folder "
+                          "(its privacy ledger and key) to be writable: pass --state-dir DIR")
+    return PrivateRecipe(recipe, key=state.secagg_key(), ledger_file=state.ledger_file(run_id))
 
 
 def _examples(names: list[str]) -> str:

@@ -48,6 +48,10 @@ def check(cfg: RunConfig) -> None:
     if p.dp == "central" and name not in CENTRAL_DP:
         raise ConfigError(f"privacy.dp = 'central' is wired for strategies {', '.join(CENTRAL_DP)}; strategy "
                           f"{name!r} uploads something the server cannot clip as an update")
+    if name == "fedsb" and cfg.strategy.get("init_upload") == "sign" and (p.secure_aggregation or p.dp == "central"):
+        raise ConfigError("strategy.init_upload = 'sign' sends packed sign bits, which the server must unpack one "
+                          "client at a time: they can be neither masked into a sum nor clipped and noised; use "
+                          "init_upload = 'gradient' with secure aggregation or central DP")
     if p.secure_aggregation:
         if name not in SECURE_SUM:
             why = NO_SECURE_SUM.get(name, "its aggregate is not wired as a sum")

@@ -19,6 +19,8 @@ Arithmetic is on uint64 (numpy: well-defined wrap-around); masked tensors travel
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -44,12 +46,29 @@ def public_hex(key: X25519PrivateKey) -> str:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
-def _pair_seed(key: X25519PrivateKey, peer_hex: str, salt: bytes, rnd: int) -> bytes:
+def parse_public(text: object) -> X25519PublicKey:
+    """A public key as it travels (64 hex digits); anything else raises PayloadError with one line."""
     try:
-        peer = X25519PublicKey.from_public_bytes(bytes.fromhex(peer_hex))
+        raw = bytes.fromhex(text) if isinstance(text, str) else b""
+        if len(raw) != 32:
+            raise ValueError
+        return X25519PublicKey.from_public_bytes(raw)
     except ValueError:
-        raise PayloadError(f"secure aggregation: invalid peer public key {peer_hex[:16]!r}...") from None
-    shared = key.exchange(peer)
+        shown = repr(text)[:24]
+        raise PayloadError(f"secure aggregation: invalid public key {shown} (expected 64 hex digits)") from None
+
+
+def setup_tag(salt: str, rnd: int, peers: dict[str, str]) -> float:
+    """A fingerprint of one round's masking setup (salt, round, participants and keys), sent back with each
+    masked upload so the server never sums uploads masked for different setups (e.g. a result kept across a
+    coordinator restart that re-ran the round with other participants): their masks would not cancel.
+    48 bits, so it travels exactly as a float metric."""
+    text = json.dumps([salt, rnd, sorted(peers.items())])
+    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
+
+
+def _pair_seed(key: X25519PrivateKey, peer_hex: str, salt: bytes, rnd: int) -> bytes:
+    shared = key.exchange(parse_public(peer_hex))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=f"fedadapt-secagg round {rnd}".encode()
                 ).derive(shared)
 

@@ -7,12 +7,11 @@ so a crash between the two leaves at worst an unreferenced file, never a row poi
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from fedadapt.core.errors import FedadaptError
+from fedadapt.core.files import fsync_dir, write_atomic
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -42,20 +41,9 @@ class BlobStore:
         if target.exists():  # same name, same content: nothing to do
             return digest
         new_dir = not target.parent.exists()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)  # make the rename itself durable before a row refers to it
+        write_atomic(target, data)  # durable, rename included, before a row refers to it
         if new_dir:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -72,16 +60,3 @@ class BlobStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

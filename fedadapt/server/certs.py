@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 import secrets
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedadapt.core.errors import ConfigError
+from fedadapt.core.files import write_atomic
 
 ADMIN_NAME = "admin"
 CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -210,17 +210,8 @@ def _write_credentials(cred_dir: Path, name: str, ca_pem: bytes | None) -> Path:
 
 
 def _write(path: Path, data: bytes, secret: bool = False) -> None:
-    """Replace `path` atomically; a secret is created 0600 from the start (no window where it is not)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600 if secret else 0o644)  # independent of the umask
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace `path` atomically; a secret is 0600 from the start (no window where it is not)."""
+    write_atomic(path, data, 0o600 if secret else 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -147,14 +147,20 @@ class RoundEngine:
             raise PayloadError(f"stale result for round {reply.round}, the current round is {rnd}")
         refused = reply.metrics.get("refused")  # e.g. a client at its privacy budget (fedadapt.privacy)
         if isinstance(refused, str) and refused:
+            note = getattr(self.strategy, "refused", None)  # lets the strategy stop asking an exhausted client
+            if note is not None:
+                note(reply.client_id, _finite_metrics(reply.metrics))
             raise PayloadError(f"client refused the task: {refused[:300]}")
         n = reply.num_examples
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")
         contract = self.strategy.task_contract(self.state, asked[reply.client_id])  # per client: shapes may vary
         tensors = codec.decode(reply.payload, contract=contract, max_bytes=self.max_payload_bytes)
-        metrics = {k: v for k, v in ((k, _as_finite_float(v)) for k, v in reply.metrics.items()) if v is not None}
-        return ClientResult(reply.client_id, n, tensors, metrics)
+        return ClientResult(reply.client_id, n, tensors, _finite_metrics(reply.metrics))
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in ((k, _as_finite_float(v)) for k, v in metrics.items()) if v is not None}
 
 
 def _as_finite_float(v: Any) -> float | None:

@@ -25,7 +25,7 @@ from fedadapt.privacy import compat as privacy_compat
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.server.engine import RoundEngine, RoundRecord
 from fedadapt.server.hub import ClientHub
-from fedadapt.server.store import Participation, RunRow, Store, StoreError
+from fedadapt.server.store import LedgerEntry, Participation, RunRow, Store, StoreError
 from fedadapt.strategies import private
 from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
 
@@ -171,7 +171,7 @@ class RunManager:
         # a resumed run keeps the N it started with (strategies persist it in their state)
         registered = sum(c.revoked_at is None for c in self.store.list_clients())
         strategy, recipe = build(cfg.strategy, _settings(cfg, registered))
-        strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, run_id)  # central DP
+        strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, run_id)  # [privacy]
         eval_set = loaded.featurize(task.test.features, task.test.labels).sample(
             cfg.eval.max_examples, derive_seed(cfg.seed, "eval"))
 
@@ -189,7 +189,8 @@ class RunManager:
             engine.state = GlobalState(commit.tensors, commit.aux, commit.round)
             strategy.load_state_dict(commit.strategy_state)
             log.info("run %s resumes after committed round %d", run_id, commit.round)
-        self.hub.begin_run(run_id, json.dumps(run_spec(cfg, task.train.label_names, width)))
+        # the run id names the run's entry in each client daemon's privacy ledger (client/state.py)
+        self.hub.begin_run(run_id, json.dumps({**run_spec(cfg, task.train.label_names, width), "run_id": run_id}))
         need = c.min_clients or c.min_results
         for rnd in range(engine.state.round + 1, cfg.rounds + 1):
             if not self.hub.wait_for_clients(need, c.join_timeout or None):
@@ -199,9 +200,9 @@ class RunManager:
             self._check_stop()
             record = engine.run_round(rnd, last=rnd == cfg.rounds)
             self._check_stop()  # a stop during the round discards it: it was never committed
-            self._commit(run_id, engine, strategy, record)
+            self._commit(run_id, engine, strategy, record, cfg.privacy.delta)
 
-    def _commit(self, run_id: str, engine: RoundEngine, strategy, record: RoundRecord) -> None:
+    def _commit(self, run_id: str, engine: RoundEngine, strategy, record: RoundRecord, delta: float) -> None:
         parts = [Participation(cid, info["status"], info["reason"], info["up"], info["down"])
                  for cid, info in record.per_client.items()]
         extra = []
@@ -213,7 +214,8 @@ class RunManager:
         data = dataclasses.asdict(record)
         data["events"] = extra
         s = engine.state
-        self.store.commit_round(run_id, record.round, s.tensors, s.aux, strategy.state_dict(), data, parts)
+        ledger = [LedgerEntry(cid, float(eps), delta) for cid, eps in private.epsilon_metrics(record.strategy).items()]
+        self.store.commit_round(run_id, record.round, s.tensors, s.aux, strategy.state_dict(), data, parts, ledger)
         acc = "" if record.accuracy is None else f" accuracy {record.accuracy:.3f}"
         log.info("run %s round %d committed: %d results%s%s", run_id, record.round, len(record.clients), acc,
                  f" (skipped: {record.skipped})" if record.skipped else "")
@@ -251,10 +253,7 @@ def _check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(f"[availability] (pattern {cfg.availability.pattern!r}) simulates which virtual clients "
                           "answer (fedadapt simulate); on a coordinator the clients that connect are the ones "
                           "available: remove the [availability] section")
-    privacy_compat.check(cfg)
-    if cfg.privacy.dp == "client" or cfg.privacy.secure_aggregation:  # central DP is server-side and wired
-        raise ConfigError("privacy.dp = 'client' and privacy.secure_aggregation run in `fedadapt simulate` only for "
-                          "now: client daemons neither persist a privacy ledger nor register secure-aggregation keys")
+    privacy_compat.check(cfg)  # client DP, central DP and secure aggregation all run on a coordinator
 
 
 def _settings(cfg: RunConfig, num_clients: int = 0) -> RunSettings:

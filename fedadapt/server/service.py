@@ -18,6 +18,7 @@ import grpc
 
 import fedadapt
 from fedadapt.core.errors import AuthError, FedadaptError, PayloadError
+from fedadapt.privacy import secagg
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
 from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, add_coordinator, describe, framed
@@ -87,6 +88,8 @@ def _capabilities(text: str) -> dict[str, Any]:
     n = caps.get("num_examples", 0)
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_EXAMPLES:
         raise PayloadError(f"capabilities_json: num_examples must be an integer in [0, {MAX_EXAMPLES}]")
+    if "secagg_key" in caps:  # the client's X25519 public key for secure aggregation (fedadapt.privacy.secagg)
+        secagg.parse_public(caps["secagg_key"])
     return caps
 
 

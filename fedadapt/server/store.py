@@ -1,4 +1,5 @@
-"""The coordinator's durable state: clients, runs, committed rounds and who took part in them.
+"""The coordinator's durable state: clients, runs, committed rounds, who took part in them and the
+client-DP privacy ledger (epsilon each client had spent after each round it trained in).
 
 SQLAlchemy 2.x: a SQLite file by default, any SQLAlchemy URL (PostgreSQL) in production. Tensors live
 in content-addressed blob files (`blobs.py`); the database only names them by sha256. A round is
@@ -13,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +31,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -51,10 +54,10 @@ from fedadapt.core.errors import AuthError
 
 from .blobs import BlobStore, StoreError
 
-__all__ = ["SCHEMA_VERSION", "ClientRow", "Commit", "Participation", "RunRow", "Store", "StoreError", "hash_token",
-           "normalize_url"]
+__all__ = ["SCHEMA_VERSION", "ClientRow", "Commit", "LedgerEntry", "Participation", "RunRow", "Store", "StoreError",
+           "hash_token", "normalize_url"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_STATUSES = ("queued", "running", "stopped", "finished", "failed")
 # "no-result" (asked, never answered) comes from the round engine, "refused" from the hub (e.g. an
 # upload for a run or round the coordinator is not running).
@@ -106,6 +109,16 @@ class Participation:
     reason: str = ""
     bytes_up: int = 0
     bytes_down: int = 0
+    round: int | None = field(default=None, compare=False)  # filled when read back; ignored on commit
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """Client DP: the epsilon a client had spent after a round it trained in (its own opacus accountant), at delta."""
+
+    client: str
+    epsilon: float
+    delta: float
     round: int | None = field(default=None, compare=False)  # filled when read back; ignored on commit
 
 
@@ -202,13 +215,28 @@ class _Participation(Base):
     bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class _PrivacyLedger(Base):
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"]),)
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client: Mapped[str] = mapped_column(String(_MAX_NAME), primary_key=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+
+
 def _create_v1(conn: Connection) -> None:
     # Version 1 tables. A later version adds its own step; never edit this one once released.
     tables = [m.__table__ for m in (_Client, _Run, _Round, _Participation)]
     Base.metadata.create_all(conn, tables=tables)
 
 
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1}
+def _create_v2(conn: Connection) -> None:
+    # Version 2: the client-DP privacy ledger, one row per client per round it trained in.
+    Base.metadata.create_all(conn, tables=[_PrivacyLedger.__table__])
+
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _create_v2}
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -447,11 +475,12 @@ class Store:
 
     def commit_round(self, run_id: str, rnd: int, tensors: Mapping[str, torch.Tensor],
                      aux: Mapping[str, torch.Tensor], strategy_state: dict, record: dict,
-                     participations: list[Participation]) -> None:
+                     participations: list[Participation], ledger: Sequence[LedgerEntry] = ()) -> None:
         _check_int("round", rnd, minimum=1)
         state_json = _dumps("strategy_state", strategy_state)
         record_json = _dumps("record", record)
         parts = [_check_participation(p) for p in participations]
+        entries = [_check_ledger_entry(e) for e in ledger]
         self._expect_next(run_id, rnd)  # fail before writing blobs for a commit that cannot happen
         # Blobs first, outside the transaction: if we die after this, they are unreferenced files only.
         state_blob = self.blobs.put(codec.encode(tensors))
@@ -467,6 +496,9 @@ class Store:
                 s.execute(insert(_Participation), [
                     {"run_id": run_id, "round": rnd, "client": p.client, "status": p.status, "reason": p.reason,
                      "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in parts])
+            if entries:
+                s.execute(insert(_PrivacyLedger), [{"run_id": run_id, "round": rnd, "client": e.client,
+                                                    "epsilon": e.epsilon, "delta": e.delta} for e in entries])
             run.round, run.updated_at = rnd, now
             s.flush()
 
@@ -504,6 +536,14 @@ class Store:
                 q = q.where(_Participation.round == rnd)
             rows = s.execute(q.order_by(_Participation.round, _Participation.id)).scalars()
             return [Participation(p.client, p.status, p.reason, p.bytes_up, p.bytes_down, p.round) for p in rows]
+
+    def privacy_ledger(self, run_id: str) -> list[LedgerEntry]:
+        """Every committed ledger entry of a run, by round then client."""
+        with self._session() as s:
+            self._run(s, run_id)
+            q = select(_PrivacyLedger).where(_PrivacyLedger.run_id == run_id)
+            rows = s.execute(q.order_by(_PrivacyLedger.round, _PrivacyLedger.client)).scalars()
+            return [LedgerEntry(e.client, e.epsilon, e.delta, e.round) for e in rows]
 
     def model_path(self, run_id: str) -> Path | None:
         with self._session() as s:
@@ -562,6 +602,16 @@ def _check_participation(p: Participation) -> Participation:
     _check_int("bytes_up", p.bytes_up, minimum=0)
     _check_int("bytes_down", p.bytes_down, minimum=0)
     return p
+
+
+def _check_ledger_entry(e: LedgerEntry) -> LedgerEntry:
+    if not isinstance(e, LedgerEntry):
+        raise StoreError(f"ledger entries must be LedgerEntry objects, got {type(e).__name__}")
+    _check_name("ledger client", e.client)
+    if not (isinstance(e.epsilon, float) and e.epsilon >= 0 and math.isfinite(e.epsilon) and 0 < e.delta < 1):
+        raise StoreError(f"ledger entry of client {e.client!r}: epsilon must be finite >= 0 and delta in (0, 1), "
+                         f"got {e.epsilon!r}, {e.delta!r}")
+    return e
 
 
 def _dumps(what: str, value: Any) -> str:

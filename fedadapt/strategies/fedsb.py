@@ -5,6 +5,9 @@ Rounds before the initialisation exists are init rounds: the selected clients se
 gradients of the target weights on `init_samples` local examples; the server forms the sign step
 dW = -init_lr * sign(sum_k G_k), takes its exact rank-r SVD dW = B R0 A and ships the frozen B, A with
 R0. That is the reference's LoRA-SB init, computed federatedly instead of on pooled data (§4.7).
+With `init_upload = "sign"` a client sends only the signs of its G_k, one bit per weight (32x fewer
+bytes), and the server takes their majority vote sign(sum_k sign G_k), signSGD's vote; with one init
+client both give the same step (up to gradient entries that are exactly 0, which vote negative).
 From then on each round averages R (example-weighted by default, uniform as an option, §4.7); a
 client's message is sum over modules of r^2 numbers plus the head, whatever the number of clients.
 B and A reach each client once, with their content hash in every task; clients refuse others.
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +46,7 @@ from .base import (
 from .fedavg import weighted_average, weights
 from .lowrank import content_hash, head_of, known, lora_modules, remember
 
-B, A, R, GRAD = ".lorasb_B", ".lorasb_A", ".lorasb_R", ".grad"
+B, A, R, GRAD, SIGNS = ".lorasb_B", ".lorasb_A", ".lorasb_R", ".grad", ".grad_signs"
 FROZEN_HASH = "fedsb/frozen_sha256"  # aux: sha256 of B and A, checked every round (uint8[32])
 
 
@@ -52,16 +56,30 @@ class FedSBOptions:
     init_clients: int = 0  # clients sending gradients for the initialisation; 0: clients_per_round
     init_samples: int = 32  # examples per init client (the reference: 50-550 in total)
     init_lr: float = 1e-3  # eta_eff of the approximated first (sign) step
+    init_upload: str = "gradient"  # init message: "gradient" (fp32, as the reference) or "sign" (1 bit per weight)
 
     def __post_init__(self) -> None:
         if self.weighting not in ("examples", "uniform"):
             raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+        if self.init_upload not in ("gradient", "sign"):
+            raise ConfigError(f"strategy.init_upload must be 'gradient' or 'sign', got {self.init_upload!r}")
         if self.init_clients < 0 or self.init_samples <= 0 or not self.init_lr > 0:
             raise ConfigError("strategy.init_clients must be >= 0, strategy.init_samples and strategy.init_lr > 0")
 
 
 def frozen_hash(tensors: dict[str, torch.Tensor]) -> str:
     return content_hash({k: v for k, v in tensors.items() if k.endswith((B, A))})
+
+
+def pack_signs(g: torch.Tensor) -> torch.Tensor:
+    """One bit per entry, 1 where g > 0, packed 8 to a byte (numpy's packbits, big-endian bit order)."""
+    return torch.from_numpy(np.packbits((g > 0).flatten().numpy()))
+
+
+def unpack_votes(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The +1/-1 votes of pack_signs' bytes; the padding bits of the last byte are dropped."""
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=n)).reshape(shape).double() * 2 - 1
 
 
 class FedSBRecipe:
@@ -84,6 +102,8 @@ class FedSBRecipe:
                     int(task.config["seed"]))
             grads, loss = (init_gradients(*args) if privacy is None  # DP: clipped, noised (fedadapt.privacy)
                            else privacy.private_gradients(*args, train_config(task.config)))
+            if task.config.get("fedsb_upload") == "sign":
+                grads = {k[: -len(GRAD)] + SIGNS: pack_signs(g) for k, g in grads.items()}
             return ClientResult("", len(data), grads, {"loss": loss})
         trainer = train_local if privacy is None else privacy.train_local
         metrics = trainer(model, data, train_config(task.config), task.config["seed"])
@@ -133,7 +153,8 @@ class FedSB(StrategyBase):
         if not self.initialised(state):
             k = self.options.init_clients or self.settings.clients_per_round
             return {c.client_id: train_task(self.settings, rnd, c.client_id, state.tensors, fedsb_phase="init",
-                                            fedsb_samples=self.options.init_samples)
+                                            fedsb_samples=self.options.init_samples,
+                                            fedsb_upload=self.options.init_upload)
                     for c in sample_clients(clients, k, self.settings.seed, rnd)}
         chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
         self._asked = (rnd, {c.client_id for c in chosen})  # a hint for aggregate; not state
@@ -144,7 +165,10 @@ class FedSB(StrategyBase):
                                         fedsb_phase="train", fedsb_hash=digest) for c in chosen}
 
     def upload_contract(self, state: GlobalState) -> Contract:
-        if not self.initialised(state):  # only the gradients of the target weights travel
+        if not self.initialised(state):  # only the gradients of the target weights (or their signs) travel
+            if self.options.init_upload == "sign":
+                return {m + SIGNS: TensorSpec((-(-i.out_features * i.in_features // 8),), torch.uint8)
+                        for m, i in self.modules.items()}
             return {m + GRAD: TensorSpec((i.out_features, i.in_features), i.dtype) for m, i in self.modules.items()}
         return contract_of({k: v for k, v in state.tensors.items() if not k.endswith((B, A))})
 
@@ -168,7 +192,9 @@ class FedSB(StrategyBase):
         tensors = dict(state.tensors)
         kept = []
         for m, info in self.modules.items():
-            g = torch.stack([r.tensors[m + GRAD].double() for r in results]).sum(dim=0)
+            shape = (info.out_features, info.in_features)
+            g = torch.stack([unpack_votes(r.tensors[m + SIGNS], shape) if self.options.init_upload == "sign"
+                             else r.tensors[m + GRAD].double() for r in results]).sum(dim=0)
             b, a, r0, energy = lorasb_init(-self.options.init_lr * torch.sign(g), info.rank)
             # row-major like every decoded copy: a column-major B (as LAPACK returns it) would take another
             # BLAS path in the forward pass and break bit-equality between server and clients

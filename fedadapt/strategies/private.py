@@ -13,6 +13,9 @@
   the inner strategy results that all carry the mean (or, for sum rounds, the sum once), so the inner
   aggregation is unchanged. A participant missing from a round discards that round (secagg.py's policy).
 
+In a simulation one recipe serves every virtual client (keys seeded, ledgers in memory); a client daemon
+gives its recipe its own key and its ledger file (client/state.py), and declares the public key at Join.
+
 This module glues privacy/ to the strategy protocol, so it lives here (privacy/ imports no strategy).
 """
 
@@ -64,6 +67,8 @@ class PrivateStrategy:
         self._round = {"rnd": rnd}
         if self.cfg.dp == "client":
             clients = [c for c in clients if c.client_id not in self.exhausted]
+        if self.cfg.secure_aggregation:  # a client daemon without a key (an old one) cannot take part
+            clients = [c for c in clients if self._key_of(c)]
         if self.central is not None and clients:
             z = self._central_noise()
             q = min(1.0, self.settings.clients_per_round / len(clients))
@@ -111,7 +116,8 @@ class PrivateStrategy:
             metrics["privacy/exhausted_clients"] = float(len(self.exhausted))
         if self.cfg.secure_aggregation:
             peers = self._round.get("peers", {})
-            missing = sorted(set(peers) - {r.client_id for r in results})
+            tag = secagg.setup_tag(self.salt, rnd, peers)  # an upload masked for another setup counts as missing
+            missing = sorted(set(peers) - {r.client_id for r in results if r.metrics.get("secagg_tag") == tag})
             if missing:  # their masks are in the others' uploads: the sum is unusable (secagg.py's policy)
                 return RoundOutcome(GlobalState(state.tensors, state.aux, rnd),
                                     {**metrics, "secagg_discarded": 1.0, "secagg_missing": float(len(missing))})
@@ -122,6 +128,11 @@ class PrivateStrategy:
         outcome = self.inner.aggregate(rnd, results, state)
         outcome.metrics.update(metrics)
         return outcome
+
+    def refused(self, client_id: str, metrics: dict[str, float]) -> None:
+        """The engine's report of a client that refused its task: one at its budget is not asked again."""
+        if self.cfg.dp == "client" and metrics.get("dp_exhausted"):
+            self.exhausted.add(client_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(),
@@ -142,8 +153,12 @@ class PrivateStrategy:
             return contract
         return {k: TensorSpec(tuple(s.shape), secagg.MASKED) for k, s in contract.items()}
 
+    def _key_of(self, c: ClientInfo) -> str | None:
+        """A client's public key: the simulator's key directory, or what its daemon declared at Join."""
+        return self.public_keys.get(c.client_id) or c.capabilities.get("secagg_key")
+
     def _peers(self, tasks: dict[str, Task], clients: list[ClientInfo]) -> dict[str, str]:
-        known = {**{c.client_id: c.capabilities.get("secagg_key") for c in clients}, **self.public_keys}
+        known = {c.client_id: self._key_of(c) for c in clients}
         lacking = sorted(cid for cid in tasks if not known.get(cid))
         if lacking:
             raise ConfigError(f"secure aggregation: client {lacking[0]!r} has no registered public key")
@@ -199,16 +214,20 @@ class PrivateRecipe:
     One recipe may serve many virtual clients (the simulator), so ledgers and keys are kept per client id.
     """
 
-    def __init__(self, inner, seed: int | None = None):
+    def __init__(self, inner, seed: int | None = None, key: Any = None, ledger_file: Any = None):
         self.inner = inner
         self.seed = seed  # simulation: keys derived from (seed, client) so runs are reproducible
         self.ledgers: dict[str, Ledger] = {}
         self.keys: dict[str, Any] = {}
+        self.key = key  # a client daemon's own persistent key (client/state.py), whatever its client id
+        self.ledger_file = ledger_file  # a client daemon's ledger on disk (client/state.py): survives restarts
 
     def public_key(self, client: str) -> str:
         return secagg.public_hex(self._key(client))
 
     def _key(self, client: str):
+        if self.key is not None:
+            return self.key
         if client not in self.keys:
             raw = None
             if self.seed is not None:
@@ -227,7 +246,7 @@ class PrivateRecipe:
         dp = None
         if "privacy" in task.config:
             s = DPSettings.from_task(task.config["privacy"])
-            ledger = self.ledgers.setdefault(me, Ledger(s.epsilon, s.delta, s.accountant))
+            ledger = self._ledger(me, s)
             dp = ClientDP(s, ledger, make_optimizer)
             cfg = train_config(task.config)
             init = task.config.get("fedsb_phase") == "init"
@@ -238,8 +257,13 @@ class PrivateRecipe:
                        f"would reach {after:.3f}")
                 return ClientResult("", len(data), {}, {"refused": why, "dp_epsilon": ledger.spent,
                                                         "dp_exhausted": 1.0})
+        if "secagg" in task.config and task.config["secagg"]["peers"].get(me) != self.public_key(me):
+            return ClientResult("", len(data), {}, {"refused": "secure aggregation: the round names another public "
+                                                              "key for this client (its key file was replaced?)"})
         result = self.inner.train(model, data, task, privacy=dp)
         if dp is not None:
+            if self.ledger_file is not None:
+                self.ledger_file.save(dp.ledger)  # before the update can leave this machine
             nxt = dp.plan_for(len(data), train_config(task.config))
             result.metrics.update(dp_epsilon=dp.ledger.spent, dp_delta=dp.settings.delta,
                                   dp_exhausted=float(dp.ledger.would_spend(nxt.noise_multiplier, nxt.sample_rate,
@@ -249,7 +273,14 @@ class PrivateRecipe:
             weight = float(result.num_examples) if sa["weight"] == "examples" else 1.0
             result.tensors = secagg.mask(result.tensors, weight, me=me, key=self._key(me), peers=sa["peers"],
                                          rnd=task.round, salt=sa["salt"].encode(), frac_bits=int(sa["frac_bits"]))
+            result.metrics["secagg_tag"] = secagg.setup_tag(sa["salt"], task.round, sa["peers"])
         return result
+
+    def _ledger(self, me: str, s: DPSettings) -> Ledger:
+        if me not in self.ledgers:
+            saved = self.ledger_file.load() if self.ledger_file is not None else None
+            self.ledgers[me] = saved or Ledger(s.epsilon, s.delta, s.accountant)
+        return self.ledgers[me]
 
 
 def epsilon_metrics(strategy_metrics: dict[str, float]) -> dict[str, float]:
