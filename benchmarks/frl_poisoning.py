@@ -114,8 +114,8 @@ def digits(seeds: list[int], out: dict, save, cohort: list[str], lr_decay: float
                     jobs.append((key, s, cohort + sets + decay + extra))
     done = {(key, r["seed"]) for key, rows in out.items() for r in rows}
     todo = [j for j in jobs if (j[0], j[1]) not in done]
-    if workers > 1:  # the goal's rows first: 0% and 20% of the model attacks
-        todo.sort(key=lambda j: (not (j[0].endswith("|0.0") or j[0].endswith("|0.2")) or "label" in j[0]))
+    # the goal's rows first (0% and 20% of the model attacks), then the other model-attack cells, label-flip last
+    todo.sort(key=lambda j: ("label" in j[0], not (j[0].endswith("|0.0") or j[0].endswith("|0.2"))))
 
     def record(key: str, s: int, r: dict) -> None:
         rows = [x for x in out.get(key, []) if x["seed"] != s] + [{"seed": s, **r}]

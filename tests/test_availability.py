@@ -113,5 +113,10 @@ def test_simulation_reports_availability_and_fedau_learns_from_who_answered(tmp_
     assert any(r["strategy"].get("weight_max", 1) > 1 for r in rows)  # someone came back after a gap
     assert len({r["available"] for r in rows}) > 1
     assert [r["clients"] for r in run("b")] == [r["clients"] for r in rows]  # seeded
+    # offline: unavailable clients are not connected, so they are never asked; the same ones take part
+    offline = run("c", "--set", "availability.absent=\"offline\"")
+    assert [r["clients"] for r in offline] == [r["clients"] for r in rows]
+    assert all(set(r["per_client"]) == set(r["clients"]) for r in offline)
+    assert sum(r["bytes_down"] for r in offline) < sum(r["bytes_down"] for r in rows)
     assert main(["simulate", "benchmarks/trivial.toml", "--out", str(tmp_path / "k"), "--set", "rounds=2",
                  "--set", "strategy.name=\"fedau\"", "--set", "strategy.weighting=\"known\""]) == 0

@@ -399,3 +399,56 @@ def test_fedsb_with_client_dp_and_secure_aggregation_end_to_end(tmp_path):
         assert not r["rejected"] and "secagg_discarded" not in r["strategy"]
         assert 0 < r["strategy"]["privacy/epsilon_max"] <= 8.0
     assert len(rows[-1]["clients"]) == 3
+
+
+# secure aggregation for every strategy whose aggregate is a sum: the same run, masked and plain
+TINY = ['model.source="mlp"', "model.hidden=[8]", 'adapter.kind="full"', 'data.dataset="synthetic"',
+        'data.partition="iid"', "data.num_clients=4", "data.num_examples=120", "rounds=5", "clients_per_round=3",
+        "train.batch_size=8", "train.lr=0.05", "train.local_steps=3", "seed=5", "eval.every=100"]
+SUMMING = {
+    # FedAU: weights from the participation estimate, applied by each client under masks; offline absences
+    "fedau": ['strategy={name="fedau", weighting="fedau"}', "clients_per_round=4", 'availability.pattern="bernoulli"',
+              'availability.probabilities="uniform"', "availability.mean=0.6", 'availability.absent="offline"'],
+    "ferret": ['strategy={name="ferret", seeds=16}'],
+    "zo": ['strategy={name="zo", seeds=32, steps=6, eps=0.01, pro=true}'],
+    "frl": ['strategy={name="frl"}', 'adapter.kind="supermask"', "train.lr=0.4"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(SUMMING))
+def test_secure_aggregation_reproduces_the_plain_run_of_every_summing_strategy(tmp_path, strategy):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedadapt.core.config import load_config
+    from fedadapt.simulation.runner import simulate
+
+    models, rows = {}, {}
+    for masked in (False, True):
+        cfg = load_config(None, [*TINY, *SUMMING[strategy], f"privacy.secure_aggregation={str(masked).lower()}"])
+        compat.check(cfg)
+        out = tmp_path / str(masked)
+        simulate(cfg, out)
+        models[masked] = load_file(str(out / "model.safetensors"))
+        rows[masked] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for plain, secure in zip(rows[False], rows[True]):
+        assert secure["clients"] == plain["clients"] and len(plain["clients"]) >= 2 and not secure["rejected"]
+        assert "secagg_discarded" not in secure["strategy"]
+        assert secure["bytes_up"] != plain["bytes_up"]  # what travelled is the masked int64 form
+    for k, v in models[False].items():
+        if strategy == "frl":  # rankings: reputations are integer sums, exact under fixed point
+            assert torch.equal(v, models[True][k])
+        else:
+            assert (v.double() - models[True][k].double()).abs().max() <= 1e-5, k
+    if strategy == "fedau":  # the weights clients applied were not all 1 (some intervals closed)
+        assert max(r["strategy"]["weight_max"] for r in rows[True]) > 1.0
+
+
+def test_secure_aggregation_with_silent_unavailable_clients_is_refused():
+    from fedadapt.core.config import load_config
+
+    cfg = load_config(None, [*TINY, *SUMMING["fedau"], 'availability.absent="silent"',
+                             "privacy.secure_aggregation=true"])
+    with pytest.raises(ConfigError, match="offline"):
+        compat.check(cfg)

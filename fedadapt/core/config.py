@@ -101,6 +101,7 @@ ATTACK_KINDS = ("none", "label-flip", "sign-flip", "scale", "random", "reverse-r
 
 AVAILABILITY_PATTERNS = ("always", "bernoulli", "markov", "cyclic")
 AVAILABILITY_PROBABILITIES = ("labels", "dirichlet", "uniform")
+AVAILABILITY_ABSENCES = ("silent", "offline")
 
 
 @dataclass
@@ -116,10 +117,13 @@ class AvailabilityConfig:
     alpha: float = 0.1  # Dirichlet concentration for `probabilities`
     markov_rate: float = 0.05  # markov: largest probability of turning available from one round to the next
     period: int = 100  # cyclic: rounds per cycle; a client is available for a block of about p_n * period
+    absent: str = "silent"  # an unavailable client: silent (gets its task, never answers) | offline (not
+    # connected: the strategy samples among the available clients only, as a coordinator among connected ones)
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("pattern", self.pattern, AVAILABILITY_PATTERNS),
-                                    ("probabilities", self.probabilities, AVAILABILITY_PROBABILITIES)):
+                                    ("probabilities", self.probabilities, AVAILABILITY_PROBABILITIES),
+                                    ("absent", self.absent, AVAILABILITY_ABSENCES)):
             if value not in allowed:
                 raise ConfigError(f"config key 'availability.{key}' must be one of {', '.join(allowed)}; got {value!r}")
         for key, value in (("mean", self.mean), ("floor", self.floor), ("markov_rate", self.markov_rate)):

@@ -12,17 +12,15 @@ from fedadapt.core.errors import ConfigError
 CLIENT_DP = ("fedavg", "fedau", "fedsb")
 # Strategies whose uploads the server may clip and noise as model updates (or, in Fed-SB's init, sums).
 CENTRAL_DP = ("fedavg", "fedsb")
-# Strategies whose aggregate is a (weighted) sum that secure aggregation is wired to.
-SECURE_SUM = ("fedavg", "fedsb")
-# Why the others cannot (or do not yet) use secure aggregation.
+# Strategies whose aggregate is a (weighted) sum that secure aggregation is wired to: FedAU's weights are
+# applied on the client, FRL sums rank positions, Ferret dense tables, ZO per-seed scalar sums.
+SECURE_SUM = ("fedavg", "fedsb", "fedau", "ferret", "zo", "frl")
+# Why the others cannot use secure aggregation.
 NO_SECURE_SUM = {
     "flora": "FLoRA stacks every client's own LoRA factors B_k, A_k (their sum is not the update), so the "
              "server must see each client's factors individually",
     "median": "the coordinate-wise median needs every individual update",
     "zeropad": "zero-padded heterogeneous LoRA averages factors of different ranks per client",
-    "fedau": "FedAU weighs each client by an estimate only the server holds; applying it on the client is "
-             "not implemented",
-    "frl": "FRL's vote is a sum of rankings, but it is not wired to secure aggregation yet",
 }
 
 
@@ -59,6 +57,10 @@ def check(cfg: RunConfig) -> None:
         if p.dp == "central":
             raise ConfigError("privacy.dp = 'central' clips each client's update on the server, which secure "
                               "aggregation hides: use privacy.dp = 'client' with secure aggregation")
+        if cfg.availability.pattern != "always" and cfg.availability.absent == "silent":
+            raise ConfigError("availability.absent = 'silent' makes every round's unavailable clients silent "
+                              "participants, whose masks stay in the others' uploads: secure aggregation would "
+                              "discard every such round; set availability.absent = 'offline'")
         if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
             raise ConfigError("[attack] rewrites clear uploads; with privacy.secure_aggregation uploads are masked "
                               "and a rewritten one only corrupts the sum: remove one of them")

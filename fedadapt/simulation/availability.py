@@ -6,8 +6,11 @@ stationary probability p_n, or cycles with an available block of about p_n * per
 
 Every draw is a pure function of (seed, round, client) through `derive_seed` (the Markov chain of a client
 is the same sequence of such draws, replayed from round 1), so a resumed or re-ordered run sees the same
-availability. An unavailable client gets its task but never answers, as a silent deployed client: the engine
-records "no result", and the strategy learns participation only from the results that arrived.
+availability. By default an unavailable client gets its task but never answers, as a silent deployed client:
+the engine records "no result", and the strategy learns participation only from the results that arrived.
+With `absent = "offline"` it is not connected that round: the strategy samples among the available clients
+only (as a coordinator among its connected clients), which secure aggregation needs (a selected client that
+stays silent leaves its masks in the others' uploads, and the round is discarded).
 """
 
 from __future__ import annotations
@@ -106,15 +109,22 @@ def from_config(cfg: AvailabilityConfig, seed: int, labels: dict[str, torch.Tens
 
 
 class AvailabilityTransport:
-    """A Transport whose clients answer only in the rounds they are available."""
+    """A Transport whose clients answer only in the rounds they are available (and, offline, are offered to
+    the strategy only then)."""
 
-    def __init__(self, inner: Transport, availability: Availability):
+    def __init__(self, inner: Transport, availability: Availability, offline: bool = False, first_round: int = 1):
         self.inner = inner
         self.availability = availability
+        self.offline = offline
+        self.round = first_round  # the round the engine asks for clients for next (the engine runs them in order)
 
     def clients(self) -> list[ClientInfo]:
-        return self.inner.clients()
+        clients = self.inner.clients()
+        if self.offline:
+            clients = [c for c in clients if self.availability.available(self.round, c.client_id)]
+        return clients
 
     def run(self, tasks: list[TaskMessage], *, timeout: float | None) -> list[ResultMessage]:
+        self.round = (tasks[0].round if tasks else self.round) + 1
         return self.inner.run([t for t in tasks if self.availability.available(t.round, t.client_id)],
                               timeout=timeout)

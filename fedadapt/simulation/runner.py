@@ -111,7 +111,8 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
     train_start = time.perf_counter()
     with wire as carrier, progress:
         c = cfg.coordinator
-        carrier = AvailabilityTransport(carrier, avail) if cfg.availability.pattern != "always" else carrier
+        if cfg.availability.pattern != "always":
+            carrier = AvailabilityTransport(carrier, avail, offline=cfg.availability.absent == "offline")
         engine = RoundEngine(strategy, with_attack(carrier, cfg.attack, malicious, cfg.seed), spec,
                              min_results=c.min_results, round_timeout=c.round_timeout or None,
                              evaluate=lambda s: evaluate_on(sc.eval_subset, s), eval_every=cfg.eval.every)

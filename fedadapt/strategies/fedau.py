@@ -140,23 +140,35 @@ class FedAU(StrategyBase):
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         ids = [r.client_id for r in results]
-        estimated, aux = participation_weights(state.aux, rnd, ids, self.options.cutoff)
-        # N never counts fewer clients than have taken part (e.g. one registered after the run started)
-        n = max(int(aux[NUM_CLIENTS]), sum(k.startswith(CLIENT_PREFIX) for k in aux))
-        weighting = self.options.weighting
-        if weighting == "fedau":
-            weights, divisor = estimated, n
-        elif weighting == "participating":
-            weights, divisor = [1.0] * len(ids), len(ids)
-        elif weighting == "all":
-            weights, divisor = [1.0] * len(ids), n
-        else:
-            weights, divisor = [1.0 / self._known(cid) for cid in ids], n
+        weights, divisor, aux = self._weights(rnd, ids, state.aux)
         theta = server_update(state.tensors, [r.tensors for r in results], weights, divisor, self.options.server_lr)
-        metrics = {"participants": float(len(ids)), "num_clients": float(n),
+        metrics = {"participants": float(len(ids)), "num_clients": float(self._n(aux)),
                    "weight_mean": math.fsum(weights) / len(weights), "weight_max": max(weights),
                    "update_scale": math.fsum(weights) / divisor}
         return RoundOutcome(GlobalState(theta, aux, rnd), metrics)
+
+    def client_weights(self, rnd: int, ids: list[str], state: GlobalState) -> dict[str, float]:
+        """The weight of each of `ids` in round `rnd` if all of them take part. Under secure aggregation each
+        client applies its own (privacy/secagg.py): the weight depends only on earlier rounds, so it is
+        known when the task is sent, and the server then learns only the weighted sum."""
+        return dict(zip(ids, self._weights(rnd, ids, state.aux)[0]))
+
+    def _weights(self, rnd: int, ids: list[str], aux: Tensors) -> tuple[list[float], float, Tensors]:
+        """The weights of the participants `ids`, the divisor, and the estimator state after the round."""
+        estimated, aux = participation_weights(aux, rnd, ids, self.options.cutoff)
+        weighting, n = self.options.weighting, self._n(aux)
+        if weighting == "fedau":
+            return estimated, n, aux
+        if weighting == "participating":
+            return [1.0] * len(ids), len(ids), aux
+        if weighting == "all":
+            return [1.0] * len(ids), n, aux
+        return [1.0 / self._known(cid) for cid in ids], n, aux
+
+    @staticmethod
+    def _n(aux: Tensors) -> int:
+        """N, which never counts fewer clients than have taken part (e.g. one registered after the start)."""
+        return max(int(aux[NUM_CLIENTS]), sum(k.startswith(CLIENT_PREFIX) for k in aux))
 
     def _known(self, cid: str) -> float:
         p = (self.known_probabilities or {}).get(cid, 0.0)

@@ -18,6 +18,10 @@ Clients apply the same tables (`apply_table`, the same code) instead of download
 that missed rounds gets the tables it missed, or the dense model when that is fewer bytes. Each task
 carries the hash of theta^t, which the client checks before training.
 
+Under secure aggregation a client uploads its coordinates as a dense table (zero where it chose no
+seed, weighted by p_k), masked; the server learns only the summed table Gamma, which is all it steps
+with, so the result is the plain one up to fixed-point rounding.
+
 Bases: "gaussian" (default) draws v ~ N(0, I/d_l), so E[v v^T] = I/d_l and the estimator is unbiased;
 "truncnormal" is the reference's N(0, 1) truncated to +-1/sqrt(d_l), whose E[delta_hat] is about
 delta/3 (the reference's server lr of 10 absorbs it).
@@ -58,6 +62,7 @@ from .lowrank import content_hash, hash_metric, known, nbytes, prune_history, re
 from .seeded import det_norm, flat64, pool_seeds, selected, unflat
 
 ENTRIES = "ferret.entries"  # upload: int32 (N, 2): column 0 the index l*K + j, column 1 the fp32 bits of gamma
+TABLE = "ferret.table"  # secure aggregation: the entries as a dense fp64 table of L*K values, summed masked
 _TABLE = re.compile(r"^ferret/round/(?P<round>\d+)/(?P<part>index|value)$")  # a round's table (aux, download)
 PRUNED = "ferret/pruned"  # tables of rounds <= this were dropped: clients older than it get the dense model
 BASES = ("gaussian", "truncnormal")
@@ -265,6 +270,13 @@ class FerretRecipe:
     def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
         return evaluate(model, data, int(task.config.get("batch_size", 128)))
 
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+        """Secure aggregation: the entries as a dense table (weight x gamma at l*K + j, 0 elsewhere)."""
+        index, value = unpack(uploads[ENTRIES])
+        table = torch.zeros(len(self.layout.blocks) * int(task.config["ferret_seeds"]), dtype=torch.float64)
+        table[index] = value.double() * weight
+        return {TABLE: table}
+
 
 # ---------------------------------------------------------------------------------------- server
 @dataclass
@@ -334,13 +346,25 @@ class Ferret(StrategyBase):
         k, nb, m = self.options.seeds, len(self.layout.blocks), min(self.options.min_bases, self.options.seeds)
         return {ENTRIES: TensorSpec((range(nb * m, nb * k + 1), 2), torch.int32, entries_error(k, nb, m))}
 
+    def sum_contract(self, state: GlobalState) -> Contract:
+        return {TABLE: TensorSpec((len(self.layout.blocks) * self.options.seeds,), torch.float64)}
+
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
-        o, layout = self.options, self.layout
-        p = weights([r.num_examples for r in results], o.weighting)
-        table = torch.zeros(len(layout.blocks) * o.seeds, dtype=torch.float64)
+        p = weights([r.num_examples for r in results], self.options.weighting)
+        table = torch.zeros(len(self.layout.blocks) * self.options.seeds, dtype=torch.float64)
         for r, pk in zip(results, p):
             index, value = unpack(r.tensors[ENTRIES])
             table.index_add_(0, index, value.double() * pk)
+        return self._step(rnd, table, results, state)
+
+    def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
+                      state: GlobalState) -> RoundOutcome:
+        """Secure aggregation: Gamma is the unmasked sum of the clients' weighted tables over their weight."""
+        return self._step(rnd, total[TABLE] / weight, results, state)
+
+    def _step(self, rnd: int, table: torch.Tensor, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        """theta^{t+1} from the round's table Gamma (fp64), which is kept (fp32, nonzero entries) for clients."""
+        o, layout = self.options, self.layout
         value32 = table.float()
         index = torch.nonzero(value32).flatten()
         value32 = value32[index]  # what travels, and so what the server applies too

@@ -11,6 +11,11 @@ ranking (s[R[j]] = sigma[j]), trains them, and uploads argsort(scores). The serv
 Every client moves an edge's reputation by at most n - 1, whatever it sends; the mask keeps the top
 `keep` of R_g (signed-score convention, see models/supermask.py). Uploads that are not permutations
 are rejected by the payload contract before they reach `aggregate`.
+
+Under secure aggregation a client uploads its positions pos_u (masked) and the server learns only V.
+It can then no longer check that each upload is a permutation, so the n - 1 bound on one client's
+influence rests on the clients being honest about the format: secure aggregation protects the clients'
+rankings from the server, and gives up FRL's protection of the vote from a malicious client.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from fedadapt.core.codec import Contract, TensorSpec
 from fedadapt.core.errors import ConfigError, ModelError
 from fedadapt.models.supermask import ranking, supermasks
 
-from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Task, register
+from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Task, Tensors, register
 
 
 def compact_dtype(n: int) -> torch.dtype:
@@ -109,6 +114,10 @@ class FRLRecipe:
     def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
         return evaluate(model, data, int(task.config.get("batch_size", 128)))
 
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+        """Secure aggregation: the rank positions, whose sum over clients is the reputation (one vote each)."""
+        return {k: positions(r) for k, r in uploads.items()}
+
 
 @register("frl", FRLRecipe)
 class FRL(StrategyBase):
@@ -126,6 +135,18 @@ class FRL(StrategyBase):
         return {k: TensorSpec(tuple(r.shape), r.dtype, permutation_error) for k, r in state.tensors.items()}
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
-        new = {k: vote([r.tensors[k] for r in results]) for k in state.tensors}
+        return self._vote(rnd, {k: reputation([r.tensors[k] for r in results]) for k in state.tensors}, state)
+
+    def sum_contract(self, state: GlobalState) -> Contract:
+        return {k: TensorSpec(tuple(r.shape), torch.int64) for k, r in state.tensors.items()}
+
+    def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
+                      state: GlobalState) -> RoundOutcome:
+        """Secure aggregation: `total` is the reputation itself (a sum of integers, exact in fixed point)."""
+        return self._vote(rnd, {k: total[k].round().long() for k in state.tensors}, state)
+
+    def _vote(self, rnd: int, reputations: Tensors, state: GlobalState) -> RoundOutcome:
+        """The new global ranking: edges by ascending reputation, ties by edge id, in the ranking dtype."""
+        new = {k: ranking(v).to(state.tensors[k].dtype) for k, v in reputations.items()}
         stability = sum(spearman(new[k], state.tensors[k]) for k in new) / max(len(new), 1)
         return RoundOutcome(GlobalState(new, {}, rnd), {"rank_stability": stability})

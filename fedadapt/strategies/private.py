@@ -9,9 +9,18 @@
 - central DP: the server clips each client's update, adds noise to the sum (privacy/central.py) and
   accounts each round at its real sampling rate; when the budget would be exceeded no task is sent.
 - secure aggregation: tasks name the round's participants and their public keys; clients upload
-  pairwise-masked fixed-point tensors (privacy/secagg.py); the server unmasks only the sum and hands
-  the inner strategy results that all carry the mean (or, for sum rounds, the sum once), so the inner
-  aggregation is unchanged. A participant missing from a round discards that round (secagg.py's policy).
+  pairwise-masked fixed-point tensors (privacy/secagg.py) and the server unmasks only their sum
+  sum_k w_k x_k. The weight w_k is the client's number of examples, 1, or a number the server sends
+  (FedAU's participation weight: it is applied on the client). A strategy whose upload is not itself a
+  summand (rankings, sparse tables, seed/scalar pairs) says how to make one, and how to step from the sum:
+
+      recipe.summand(tensors, task, w) -> Tensors                 the dense w-weighted form of one upload
+      strategy.sum_contract(state) -> Contract                    its shapes, before masking
+      strategy.aggregate_sum(rnd, total, w_total, results, state) the round from sum_k w_k x_k alone
+
+  Any other strategy gets results that all carry the weighted mean (or, in Fed-SB's init round, the sum
+  once), so its own aggregation is unchanged. A participant missing from a round discards that round
+  (secagg.py's policy): no result is recorded for anyone, so FedAU counts the round as absent for all.
 
 In a simulation one recipe serves every virtual client (keys seeded, ledgers in memory); a client daemon
 gives its recipe its own key and its ledger file (client/state.py), and declares the public key at Join.
@@ -35,7 +44,7 @@ from fedadapt.privacy import central, secagg
 from fedadapt.privacy.dpsgd import ClientDP, DPSettings
 from fedadapt.privacy.ledger import Ledger, calibrate
 
-from .base import ClientInfo, ClientResult, GlobalState, RoundOutcome, RunSettings, Task
+from .base import ClientInfo, ClientResult, GlobalState, RoundOutcome, RunSettings, Task, Tensors
 
 EPS_KEY = "privacy/epsilon/"  # round metric per client: epsilon spent after this round
 BUDGET_SLACK = 1e-9  # relative: calibrated noise lands on the budget up to float rounding
@@ -82,7 +91,9 @@ class PrivateStrategy:
         peers = self._peers(tasks, clients) if self.cfg.secure_aggregation else {}
         sum_round = any(t.config.get("fedsb_phase") == "init" for t in tasks.values())
         self._round.update(peers=peers, sum_round=sum_round)
-        weighting = getattr(getattr(self.inner, "options", None), "weighting", "uniform")
+        fixed = self.inner.client_weights(rnd, list(tasks), state) if peers and hasattr(
+            self.inner, "client_weights") else {}
+        self._round["weights"] = fixed
         for cid, task in tasks.items():
             task.config["privacy_client"] = cid
             if self.cfg.dp == "client":
@@ -92,15 +103,16 @@ class PrivateStrategy:
                                           "planned_rounds": self.cfg.planned_rounds or self.settings.rounds,
                                           "accountant": self.cfg.accountant}
             if peers:
+                weight = "one" if sum_round else fixed.get(cid, "examples" if self._by_examples() else "one")
                 task.config["secagg"] = {"peers": peers, "salt": self.salt, "frac_bits": self.cfg.secagg_frac_bits,
-                                         "weight": "one" if sum_round or weighting != "examples" else "examples"}
+                                         "weight": weight}
         return tasks
 
     def upload_contract(self, state: GlobalState) -> Contract:
-        return self._masked(self.inner.upload_contract(state))
+        return self._masked(state) or self.inner.upload_contract(state)
 
     def task_contract(self, state: GlobalState, task: Task) -> Contract:
-        return self._masked(self.inner.task_contract(state, task))
+        return self._masked(state) or self.inner.task_contract(state, task)
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         metrics: dict[str, float] = {}
@@ -121,7 +133,12 @@ class PrivateStrategy:
             if missing:  # their masks are in the others' uploads: the sum is unusable (secagg.py's policy)
                 return RoundOutcome(GlobalState(state.tensors, state.aux, rnd),
                                     {**metrics, "secagg_discarded": 1.0, "secagg_missing": float(len(missing))})
-            results = self._unmask(results, state)
+            total, w_total = self._unmask(results, state)
+            if hasattr(self.inner, "aggregate_sum") and not self._round.get("sum_round"):
+                outcome = self.inner.aggregate_sum(rnd, total, w_total, results, state)
+                outcome.metrics.update(metrics)
+                return outcome
+            results = self._as_results(total, w_total, results, state)
         if self.central is not None:
             results, extra = self._central(rnd, results, state)
             metrics.update(extra)
@@ -148,10 +165,18 @@ class PrivateStrategy:
             self.central = Ledger.from_dict(p["central"])
 
     # ---------------------------------------------------------------- helpers
-    def _masked(self, contract: Contract) -> Contract:
+    def _summed(self, state: GlobalState) -> Contract:
+        """The shapes and dtypes of what the clients sum (before masking)."""
+        return getattr(self.inner, "sum_contract", self.inner.upload_contract)(state)
+
+    def _masked(self, state: GlobalState) -> Contract | None:
+        """Under secure aggregation every client uploads the summed tensors as masked int64 (None: no masks)."""
         if not self.cfg.secure_aggregation:
-            return contract
-        return {k: TensorSpec(tuple(s.shape), secagg.MASKED) for k, s in contract.items()}
+            return None
+        return {k: TensorSpec(tuple(s.shape), secagg.MASKED) for k, s in self._summed(state).items()}
+
+    def _by_examples(self) -> bool:
+        return getattr(getattr(self.inner, "options", None), "weighting", "uniform") == "examples"
 
     def _key_of(self, c: ClientInfo) -> str | None:
         """A client's public key: the simulator's key directory, or what its daemon declared at Join."""
@@ -164,17 +189,28 @@ class PrivateStrategy:
             raise ConfigError(f"secure aggregation: client {lacking[0]!r} has no registered public key")
         return {cid: known[cid] for cid in tasks}
 
-    def _unmask(self, results: list[ClientResult], state: GlobalState) -> list[ClientResult]:
-        """The inner strategy's view of the round: every result carries the mean (or the first the sum)."""
-        dtypes = {k: s.dtype for k, s in self.inner.upload_contract(state).items()}
+    def _unmask(self, results: list[ClientResult], state: GlobalState) -> tuple[Tensors, float]:
+        """sum_k w_k x_k (fp64) and sum_k w_k, with the weights the tasks asked the clients to apply."""
         total = secagg.unmask_sum([r.tensors for r in results], self.cfg.secagg_frac_bits, torch.float64)
+        fixed = self._round.get("weights", {})
+        if self._round.get("sum_round"):
+            w = float(len(results))
+        elif fixed:
+            w = math.fsum(fixed[r.client_id] for r in results)
+        else:
+            w = float(sum(r.num_examples for r in results) if self._by_examples() else len(results))
+        return total, w
+
+    def _as_results(self, total: Tensors, w: float, results: list[ClientResult], state: GlobalState):
+        """The inner strategy's view of the round: every result carries the weighted mean (in a sum round,
+        the first carries the sum and the others zeros), which its own weighted average turns back into
+        the aggregate."""
+        dtypes = {k: s.dtype for k, s in self.inner.upload_contract(state).items()}
         if self._round.get("sum_round"):
             zeros = {k: torch.zeros_like(v, dtype=dtypes[k]) for k, v in total.items()}
             first = {k: v.to(dtypes[k]) for k, v in total.items()}
             return [ClientResult(r.client_id, r.num_examples, first if i == 0 else zeros, r.metrics)
                     for i, r in enumerate(results)]
-        weighting = getattr(getattr(self.inner, "options", None), "weighting", "uniform")
-        w = sum(r.num_examples for r in results) if weighting == "examples" else len(results)
         mean = {k: (v / w).to(dtypes[k]) for k, v in total.items()}
         return [ClientResult(r.client_id, r.num_examples, mean, r.metrics) for r in results]
 
@@ -270,8 +306,12 @@ class PrivateRecipe:
                                                                            nxt.steps) > s.epsilon * (1 + BUDGET_SLACK)))
         if "secagg" in task.config:
             sa = task.config["secagg"]
-            weight = float(result.num_examples) if sa["weight"] == "examples" else 1.0
-            result.tensors = secagg.mask(result.tensors, weight, me=me, key=self._key(me), peers=sa["peers"],
+            weight = {"examples": float(result.num_examples), "one": 1.0}.get(sa["weight"], sa["weight"])
+            if hasattr(self.inner, "summand"):  # e.g. rankings -> rank positions: what sums to the aggregate
+                tensors, weight = self.inner.summand(result.tensors, task, float(weight)), 1.0
+            else:
+                tensors = result.tensors
+            result.tensors = secagg.mask(tensors, float(weight), me=me, key=self._key(me), peers=sa["peers"],
                                          rnd=task.round, salt=sa["salt"].encode(), frac_bits=int(sa["frac_bits"]))
             result.metrics["secagg_tag"] = secagg.setup_tag(sa["salt"], task.round, sa["peers"])
         return result

@@ -11,6 +11,10 @@ and the model is always theta = theta_0 - sum_s G_s z_s: the downlink is G itsel
 which any client, however late, rebuilds theta bit for bit (`rebuild`, the same code on both sides;
 each task carries the hash of theta^t, checked by the client before it trains).
 
+Under secure aggregation a client uploads, per seed, the p_k-weighted sum of its g's (and for Pro its
+sum of min(|g|, 1000) and count), masked: K numbers each; the server learns only their sums, which are
+all that G and the Pro statistics need.
+
 Only the parameters matching `strategy.params` (default: every trainable one) are tuned; weight decay
 is not supported (it would break the K-scalar collapse, §6.6).
 """
@@ -42,6 +46,7 @@ ACC, PROBS = "zo.G", "zo.P"  # download: the accumulated scalars (fp64) and, for
 THETA0 = "zo/theta0/"  # aux: theta_0 of the tuned parameters (immutable)
 ABS_SUM, COUNT = "zo/abs_sum", "zo/count"  # aux (Pro): per seed, sum of min(|g|, 1000) and number of g's
 PRO_CLIP = 1000.0
+BY_SEED = ("zo.g_by_seed", "zo.abs_by_seed", "zo.count_by_seed")  # secure aggregation: the dense per-seed sums
 
 
 # ---------------------------------------------------------------------------------------- pure maths
@@ -187,6 +192,16 @@ class ZORecipe:
     def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
         return evaluate(model, data, int(task.config.get("batch_size", 128)))
 
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+        """Secure aggregation: per seed, weight x the sum of this client's g's (and, for Pro, the unweighted
+        statistics), dense over the K seeds."""
+        k = len(task.tensors[ACC])
+        idx, g = uploads[SEEDS].long(), uploads[GRADS].double()
+        out = {BY_SEED[0]: torch.zeros(k, dtype=torch.float64).index_add_(0, idx, g * weight)}
+        if PROBS in task.tensors:
+            out[BY_SEED[1]], out[BY_SEED[2]] = pro_update(torch.zeros(k), torch.zeros(k), [(idx, g)])
+        return out
+
 
 # ---------------------------------------------------------------------------------------- server
 @dataclass
@@ -247,14 +262,33 @@ class ZO(StrategyBase):
         return {SEEDS: TensorSpec((n,), torch.int32, _seed_range(self.options.seeds)),
                 GRADS: TensorSpec((n,), torch.float32)}
 
+    def sum_contract(self, state: GlobalState) -> Contract:
+        k = self.options.seeds
+        return {name: TensorSpec((k,), torch.float64) for name in BY_SEED[: 3 if self.options.pro else 1]}
+
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         uploads = [(r.tensors[SEEDS], r.tensors[GRADS]) for r in results]
         p = weights([r.num_examples for r in results], self.options.weighting)
-        lr = round_lr(self.settings.train, rnd, self.settings.rounds)  # the lr the clients stepped with
         aux = dict(state.aux)
-        aux[ACC] = accumulate(state.aux[ACC], uploads, p, lr)
+        aux[ACC] = accumulate(state.aux[ACC], uploads, p, self._lr(rnd))
         if self.options.pro:
             aux[ABS_SUM], aux[COUNT] = pro_update(aux[ABS_SUM], aux[COUNT], uploads)
+        return self._commit(rnd, aux, results, state)
+
+    def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
+                      state: GlobalState) -> RoundOutcome:
+        """Secure aggregation: G += lr * (sum of the weighted per-seed sums) / (sum of the weights)."""
+        aux = dict(state.aux)
+        aux[ACC] = state.aux[ACC] + self._lr(rnd) * total[BY_SEED[0]] / weight
+        if self.options.pro:
+            aux[ABS_SUM], aux[COUNT] = aux[ABS_SUM] + total[BY_SEED[1]], aux[COUNT] + total[BY_SEED[2]].round()
+        return self._commit(rnd, aux, results, state)
+
+    def _lr(self, rnd: int) -> float:
+        return round_lr(self.settings.train, rnd, self.settings.rounds)  # the lr the clients stepped with
+
+    def _commit(self, rnd: int, aux: Tensors, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
+        """theta^{t+1} rebuilt from theta_0 and the new scalars."""
         theta0 = {n: aux[THETA0 + n] for n in self.names}
         tensors = {**state.tensors, **rebuild(theta0, self.names, aux[ACC], self.seeds)}
         hashes = {r.metrics["model_hash"] for r in results if "model_hash" in r.metrics}
