@@ -254,6 +254,55 @@ def test_the_ledger_file_is_per_run_and_refuses_to_start_over_when_damaged(tmp_p
         state.ledger_file("run-a").load()
 
 
+def test_a_daemon_cap_spans_its_runs_calibrates_to_what_is_left_and_then_refuses(tmp_path):
+    """`client start --max-epsilon E`: the epsilons of all the daemon's runs add up to at most E, whatever
+    budget a run gives it, and a run without client DP is refused."""
+    from test_privacy import Tiny, data
+
+    from fedadapt.client.workload import _private_recipe
+    from fedadapt.core.config import load_config_text
+    from fedadapt.strategies.base import RunSettings, Task, build
+
+    spent = Ledger(8.0, 1e-5, "rdp", [(1.0, 0.5, 4)]).spent  # what an earlier run took
+    state = ClientState(tmp_path, max_epsilon=spent + 0.5)
+    state.ledger_file("run-a").save(Ledger(8.0, 1e-5, "rdp", [(1.0, 0.5, 4)]))
+    cfg = load_config_text('[strategy]\nname = "fedavg"\n[privacy]\ndp = "client"\nepsilon = 8\n')
+    inner = build({"name": "fedavg"}, RunSettings(0, 4, 1, {"lr": 0.1}))[1]
+    recipe = _private_recipe(inner, cfg, "run-b", state)
+    config = {"lr": 0.1, "local_steps": 2, "batch_size": 4, "seed": 1, "privacy_client": "me",
+              "privacy": {"epsilon": 8.0, "delta": 1e-5, "noise_multiplier": -1.0, "max_grad_norm": 1.0,
+                          "planned_rounds": 2, "accountant": "rdp"}}
+    model = Tiny(False)
+    task = Task("train", 1, config, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+    recipe.prepare(model, task)
+    first = recipe.train(model, data(n=16), task)
+    assert "refused" not in first.metrics and 0 < first.metrics["dp_epsilon"] <= 0.5 * (1 + 1e-6)
+    rounds = [recipe.train(model, data(n=16), Task("train", r, config, task.tensors)) for r in (2, 3)]
+    refused = [r for r in rounds if "refused" in r.metrics]
+    assert refused and "--max-epsilon" in refused[0].metrics["refused"]
+    assert spent + state.ledger_file("run-b").load().spent <= state.max_epsilon * (1 + 1e-6)
+    with pytest.raises(ConfigError, match="only under client DP"):
+        _private_recipe(inner, load_config_text('[strategy]\nname = "fedavg"\n'), "run-c", state)
+
+
+def test_a_run_the_daemon_cannot_serve_is_refused_and_the_daemon_stays_up():
+    from fedadapt.client.agent import ClientAgent
+    from fedadapt.client.credentials import Credentials
+
+    built = []
+
+    def make_workload(spec):
+        built.append(spec)
+        raise ConfigError("this client trains only under client DP")
+
+    agent = ClientAgent("127.0.0.1:1", Credentials("a", "t"), make_workload, log=lambda msg: None)
+    header = pb.TaskHeader(run_id="r", round=1, kind="train", config_json="{}", run_spec_json="{}")
+    up = agent._handle(header, codec.encode({}))
+    assert up.metrics["refused"] == "this client trains only under client DP" and up.payload == b""
+    assert agent._handle(pb.TaskHeader(run_id="r", round=2, kind="train", config_json="{}", run_spec_json="{}"),
+                         codec.encode({})).metrics["refused"] and len(built) == 1  # remembered per run
+
+
 def test_a_resent_task_is_answered_from_the_kept_result_only_when_it_is_the_same_task():
     """After a coordinator restart a round may be set up again with other participants (other secure-aggregation
     peers): the daemon must then train and mask anew, not resend an upload masked for the old setup."""

@@ -25,7 +25,7 @@ from fedadapt.client.credentials import Credentials, channel_credentials
 from fedadapt.client.credentials import metadata as auth_metadata
 from fedadapt.client.workload import Workload
 from fedadapt.core import codec
-from fedadapt.core.errors import AuthError, PayloadError
+from fedadapt.core.errors import AuthError, ConfigError, DataError, ModelError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
 from fedadapt.proto.chunks import Reassembler, describe, framed, pull_task, push_result
@@ -139,8 +139,14 @@ class ClientAgent:
             return last  # asked again after a coordinator restart: same inputs, same answer
         if self._workload is None or self._workload[0] != header.run_id:
             self._workload = None  # release the previous run's model first
-            self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
+            try:
+                self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
+            except (ConfigError, DataError, ModelError) as exc:  # this run, not the daemon: refuse, stay up
+                self._workload = (header.run_id, exc)
         w = self._workload[1]
+        if isinstance(w, Exception):
+            self.log(f"round {header.round}: refused run {header.run_id}: {w}")
+            return Upload(header.run_id, header.round, header.kind, header.config_json, 0, {"refused": str(w)}, b"")
         self.log(f"round {header.round}: {header.kind} task received")
         task = Task(header.kind, header.round, json.loads(header.config_json),
                     codec.decode(payload, max_bytes=self.max_payload_bytes))

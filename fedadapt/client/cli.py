@@ -28,6 +28,9 @@ def add_parsers(sub) -> None:
     start.add_argument("--state-dir", type=Path,
                        help="where this client keeps its privacy ledger and secure-aggregation key "
                             "(default: the credentials folder)")
+    start.add_argument("--max-epsilon", type=float,
+                       help="this client's own privacy budget over all runs: it then trains only under client DP "
+                            "and refuses any task that would take its total epsilon past this")
     start.add_argument("--max-payload-mb", type=int, default=256, help="largest task accepted (default 256)")
     start.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     start.add_argument("--max-lora-rank", type=int, default=0,
@@ -50,7 +53,9 @@ def dispatch(args: argparse.Namespace) -> int:
     creds = load_credentials(args.credentials, args.name)
 
     log = lambda msg: print(f"[{creds.name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    state, capabilities = _privacy_state(args.state_dir or args.credentials, log)
+    if args.max_epsilon is not None and not args.max_epsilon > 0:
+        raise ConfigError(f"--max-epsilon must be > 0, got {args.max_epsilon}")
+    state, capabilities = _privacy_state(args.state_dir or args.credentials, log, args.max_epsilon)
 
     def make_workload(spec):
         return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model,
@@ -67,16 +72,19 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _privacy_state(folder: Path, log):
+def _privacy_state(folder: Path, log, max_epsilon: float | None = None):
     """This client's privacy state and the capability it declares at Join (its secure-aggregation public key).
     A read-only folder (e.g. credentials mounted read-only) still serves runs without client-side privacy."""
     from fedadapt.client.state import ClientState
     from fedadapt.privacy import secagg
 
-    state = ClientState(folder)
+    state = ClientState(folder, max_epsilon)
     try:
         return state, {"secagg_key": secagg.public_hex(state.secagg_key())}
     except OSError as exc:
+        if max_epsilon is not None:  # a cap needs its ledger: without one, refusing to start is the safe answer
+            raise ConfigError(f"--max-epsilon needs a writable state folder for the ledger; {folder}: "
+                              f"{exc.strerror or exc} (pass --state-dir DIR)") from None
         log(f"cannot keep privacy state in {folder} ({exc.strerror or exc}); runs with client DP or secure "
             "aggregation need a writable --state-dir")
         return None, {}

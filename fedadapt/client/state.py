@@ -5,6 +5,10 @@
     privacy-ledger.json  its client-DP ledger per run ({"runs": {run_id: Ledger.to_dict()}}): the epsilon it
                          has spent survives a restart, so a restart never refreshes its budget
 
+A daemon started with a cap (`client start --max-epsilon E`) trains only under client DP and never lets
+the epsilons of all its runs add up to more than E (basic composition across runs: their epsilons add, and
+so do their deltas), whatever budget a run's config gives it.
+
 Every write goes to a temporary file that is fsynced and then renamed over the old one, so a daemon
 killed at any moment leaves the previous version or the new one, never half of a file.
 """
@@ -12,6 +16,7 @@ killed at any moment leaves the previous version or the new one, never half of a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -26,8 +31,9 @@ LEDGER_FILE = "privacy-ledger.json"
 
 
 class ClientState:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_epsilon: float | None = None):
         self.root = Path(root)
+        self.max_epsilon = max_epsilon  # this client's own total budget over every run; None: the runs' own
 
     def secagg_key(self):
         """This client's X25519 key, made on first use. Raises OSError if the folder is not writable."""
@@ -54,6 +60,10 @@ class LedgerFile:
     def load(self) -> Ledger | None:
         entry = self._all().get(self.run_id)
         return None if entry is None else Ledger.from_dict(entry)
+
+    def spent_elsewhere(self) -> float:
+        """Epsilon spent in every other run (each at its own delta): what a cap across runs adds up."""
+        return math.fsum(Ledger.from_dict(e).spent for run, e in self._all().items() if run != self.run_id)
 
     def save(self, ledger: Ledger) -> None:
         runs = self._all()

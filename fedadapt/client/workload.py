@@ -73,12 +73,16 @@ def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_f
 def _private_recipe(recipe: ClientRecipe, cfg: RunConfig, run_id: str, state: ClientState | None) -> ClientRecipe:
     """The recipe under the run's [privacy]: DP-SGD with this daemon's ledger on disk, masking with its key."""
     p = cfg.privacy
+    if state is not None and state.max_epsilon is not None and p.dp != "client":
+        raise ConfigError(f"this client trains only under client DP (started with --max-epsilon "
+                          f"{state.max_epsilon:g}); the run has privacy.dp = {p.dp!r}")
     if p.dp != "client" and not p.secure_aggregation:
         return recipe  # central DP happens on the server
     if state is None or not run_id:
         raise ConfigError("this run uses client DP or secure aggregation, which need this client's state folder "
                           "(its privacy ledger and key) to be writable: pass --state-dir DIR")
-    return PrivateRecipe(recipe, key=state.secagg_key(), ledger_file=state.ledger_file(run_id))
+    return PrivateRecipe(recipe, key=state.secagg_key(), ledger_file=state.ledger_file(run_id),
+                         max_epsilon=state.max_epsilon)
 
 
 def _examples(names: list[str]) -> str:

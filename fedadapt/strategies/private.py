@@ -30,6 +30,7 @@ This module glues privacy/ to the strategy protocol, so it lives here (privacy/ 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -250,13 +251,15 @@ class PrivateRecipe:
     One recipe may serve many virtual clients (the simulator), so ledgers and keys are kept per client id.
     """
 
-    def __init__(self, inner, seed: int | None = None, key: Any = None, ledger_file: Any = None):
+    def __init__(self, inner, seed: int | None = None, key: Any = None, ledger_file: Any = None,
+                 max_epsilon: float | None = None):
         self.inner = inner
         self.seed = seed  # simulation: keys derived from (seed, client) so runs are reproducible
         self.ledgers: dict[str, Ledger] = {}
         self.keys: dict[str, Any] = {}
         self.key = key  # a client daemon's own persistent key (client/state.py), whatever its client id
         self.ledger_file = ledger_file  # a client daemon's ledger on disk (client/state.py): survives restarts
+        self.max_epsilon = max_epsilon  # a daemon's own cap over all its runs (client/state.py); None: none
 
     def public_key(self, client: str) -> str:
         return secagg.public_hex(self._key(client))
@@ -283,14 +286,17 @@ class PrivateRecipe:
         if "privacy" in task.config:
             s = DPSettings.from_task(task.config["privacy"])
             ledger = self._ledger(me, s)
-            dp = ClientDP(s, ledger, make_optimizer)
-            cfg = train_config(task.config)
-            init = task.config.get("fedsb_phase") == "init"
-            p = dp.plan_init(len(data), int(task.config["fedsb_samples"]), cfg) if init else dp.plan_for(len(data), cfg)
-            after = ledger.would_spend(p.noise_multiplier, p.sample_rate, p.steps)
-            if after > s.epsilon * (1 + BUDGET_SLACK):
-                why = (f"privacy budget exhausted: epsilon {ledger.spent:.3f} of {s.epsilon:g} spent, this round "
-                       f"would reach {after:.3f}")
+            budget, whose = self._budget(s.epsilon)
+            after = math.inf
+            if budget > 0:  # a daemon's cap that leaves less than the run's budget: noise is calibrated to it
+                dp = ClientDP(dataclasses.replace(s, epsilon=min(s.epsilon, budget)), ledger, make_optimizer)
+                cfg = train_config(task.config)
+                init = task.config.get("fedsb_phase") == "init"
+                p = dp.plan_init(len(data), int(task.config["fedsb_samples"]), cfg) if init else dp.plan_for(len(data), cfg)
+                after = ledger.would_spend(p.noise_multiplier, p.sample_rate, p.steps)
+            if after > budget * (1 + BUDGET_SLACK):
+                why = (f"privacy budget exhausted: epsilon {ledger.spent:.3f} of {budget:g} spent{whose}, this "
+                       f"round would reach {after:.3f}")
                 return ClientResult("", len(data), {}, {"refused": why, "dp_epsilon": ledger.spent,
                                                         "dp_exhausted": 1.0})
         if "secagg" in task.config and task.config["secagg"]["peers"].get(me) != self.public_key(me):
@@ -303,7 +309,7 @@ class PrivateRecipe:
             nxt = dp.plan_for(len(data), train_config(task.config))
             result.metrics.update(dp_epsilon=dp.ledger.spent, dp_delta=dp.settings.delta,
                                   dp_exhausted=float(dp.ledger.would_spend(nxt.noise_multiplier, nxt.sample_rate,
-                                                                           nxt.steps) > s.epsilon * (1 + BUDGET_SLACK)))
+                                                                           nxt.steps) > budget * (1 + BUDGET_SLACK)))
         if "secagg" in task.config:
             sa = task.config["secagg"]
             weight = {"examples": float(result.num_examples), "one": 1.0}.get(sa["weight"], sa["weight"])
@@ -315,6 +321,17 @@ class PrivateRecipe:
                                          rnd=task.round, salt=sa["salt"].encode(), frac_bits=int(sa["frac_bits"]))
             result.metrics["secagg_tag"] = secagg.setup_tag(sa["salt"], task.round, sa["peers"])
         return result
+
+    def _budget(self, run_epsilon: float) -> tuple[float, str]:
+        """The epsilon this run may reach: the run's budget, or less if the daemon's own cap minus what its
+        other runs spent is smaller (with a note for the refusal message)."""
+        if self.max_epsilon is None or self.ledger_file is None:
+            return run_epsilon, ""
+        left = max(0.0, self.max_epsilon - self.ledger_file.spent_elsewhere())
+        if left >= run_epsilon:
+            return run_epsilon, ""
+        return left, f" (this client's cap --max-epsilon {self.max_epsilon:g} minus {self.max_epsilon - left:.3f} " \
+                     "spent in its other runs)"
 
     def _ledger(self, me: str, s: DPSettings) -> Ledger:
         if me not in self.ledgers:
