@@ -95,7 +95,8 @@ def run(path: Path, overrides: list[str]) -> dict:
             "majority_baseline": summary["majority_baseline"]}
 
 
-def digits(seeds: list[int], out: dict, save, cohort: list[str], lr_decay: float = 0.0, workers: int = 1) -> None:
+def digits(seeds: list[int], out: dict, save, cohort: list[str], lr_decay: float = 0.0, workers: int = 1,
+           fractions: list[float] = FRACTIONS, label_flip: bool = True) -> None:
     """Fills `out` (key -> one result per seed), saving after every run; runs already there are kept.
     `lr_decay` > 0 decays every method's client lr (cosine over the rounds) to lr_decay x its own lr.
     With `workers` > 1 the runs go to that many processes, the attack-free and 20% runs first."""
@@ -103,8 +104,8 @@ def digits(seeds: list[int], out: dict, save, cohort: list[str], lr_decay: float
     for name, (sets, model_attack) in STRATEGIES.items():
         lr = load_config(DIGITS, sets).train.lr  # the method's own client lr
         decay = [f"train.lr_final={lr_decay * lr:g}"] if lr_decay > 0 else []
-        for attack in (model_attack, "label-flip"):
-            for f in FRACTIONS:
+        for attack in (model_attack, "label-flip") if label_flip else (model_attack,):
+            for f in fractions:
                 if f == 0.0 and attack == "label-flip":
                     continue  # the same runs as 0% of the model attack
                 key = f"{name}|{attack}|{f}"
@@ -225,7 +226,7 @@ def report(res: dict) -> None:
         d, seeds = res["digits"], res["seeds"]
         n, k = res.get("num_clients", 50), res.get("per_round", 10)
         decay = f", client lr cosine-decayed to {res['lr_decay']:g}x over the rounds" if res.get("lr_decay") else ""
-        print(f"\ndigits, 30 rounds, {k} of {n} clients per round{decay}; final test accuracy, median over seeds "
+        print(f"\ndigits, {res.get('rounds') or 30} rounds, {k} of {n} clients per round{decay}; final test accuracy, median over seeds "
               f"{seeds} (min-max)\n")
         def acc(key: str) -> str:  # a diverged run ranks below every accuracy
             if not d.get(key):
@@ -290,6 +291,9 @@ def main() -> None:
                     help="digits: cosine-decay every method's client lr over the rounds to this fraction of it; 0: off")
     ap.add_argument("--set", action="append", default=[], help="analysis: extra override (repeatable)")
     ap.add_argument("--workers", type=int, default=1, help="digits: runs in parallel processes")
+    ap.add_argument("--rounds", type=int, default=0, help="digits: rounds (0: the scenario's 30)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS, help="digits: malicious fractions")
+    ap.add_argument("--no-label-flip", action="store_true", help="digits: only the model-poisoning attacks")
     args = ap.parse_args()
     path = ROOT / args.out
     res = json.loads(path.read_text()) if path.exists() else {}  # finished runs are kept (resume)
@@ -315,14 +319,16 @@ def main() -> None:
         analysis_report(runs)
         return
     if args.part in ("digits", "all"):
-        if res.get("digits") and (res.get("num_clients", 50), res.get("per_round", 10), res.get("lr_decay", 0.0)) != (
-                args.num_clients, args.per_round, args.lr_decay):
-            sys.exit(f"{path} holds runs of another cohort or lr schedule; pass another --out")
+        setting = (args.num_clients, args.per_round, args.lr_decay, args.rounds)
+        if res.get("digits") and (res.get("num_clients", 50), res.get("per_round", 10), res.get("lr_decay", 0.0),
+                                  res.get("rounds", 0)) != setting:
+            sys.exit(f"{path} holds runs of another cohort, lr schedule or length; pass another --out")
         res.update(seeds=args.seeds, num_clients=args.num_clients, per_round=args.per_round,
-                   min_examples=args.min_examples, lr_decay=args.lr_decay)
+                   min_examples=args.min_examples, lr_decay=args.lr_decay, rounds=args.rounds)
         digits(args.seeds, res.setdefault("digits", {}), save,
                [f"data.num_clients={args.num_clients}", f"clients_per_round={args.per_round}",
-                f"data.min_examples={args.min_examples}"], args.lr_decay, args.workers)
+                f"data.min_examples={args.min_examples}", *([f"rounds={args.rounds}"] if args.rounds else [])],
+               args.lr_decay, args.workers, args.fractions, not args.no_label_flip)
     if args.part in ("minilm", "all"):
         res.update(minilm_seed=args.minilm_seed, minilm=minilm(args.minilm_seed))
     save()

@@ -8,6 +8,8 @@ budget). epsilon = inf is the same run without DP. Nothing is tuned for DP (same
 
 Secure aggregation: the same FedAvg scenario with and without privacy.secure_aggregation (seconds per
 round, upload bytes), and the masking and unmasking time alone for the quickstart adapter's size.
+With --secagg-strategies: every strategy wired to secure aggregation, on its shipped scenario, a few rounds
+plain and masked (upload bytes per client, seconds per round, largest difference of the final models).
 
     nice -n 10 .venv/bin/python benchmarks/privacy.py            # writes benchmarks/results/privacy.json
 """
@@ -52,6 +54,47 @@ def simulate(scenario: str, overrides: list[str]) -> dict:
             "epsilon_max_spent": eps[-1] if eps else None, "overrides": overrides}
 
 
+# strategy -> (its shipped scenario, overrides that keep a short run short or make it maskable)
+SECAGG_SCENARIOS = {
+    "fedavg": ("simulations/quickstart.toml", []),
+    "fedsb": ("simulations/fedsb.toml", ["strategy.init_upload=gradient", "strategy.init_clients=2"]),
+    "fedau": ("simulations/fedau-digits.toml", ["availability.absent=offline"]),  # everyone asked, ~10 answer
+    "ferret": ("simulations/ferret.toml", []),
+    "zo": ("simulations/zo.toml", ["strategy.steps=20"]),
+    "frl": ("simulations/frl-digits.toml", []),
+}
+
+
+def secagg_pair(name: str, rounds: int, clients: int) -> dict:
+    """`name`'s scenario for `rounds` rounds, plain and masked: bytes, seconds, and how far the models differ."""
+    import torch
+    from safetensors.torch import load_file
+
+    scenario, extra = SECAGG_SCENARIOS[name]
+    common = [f"rounds={rounds}", "eval.every=1000", "eval.final_max_examples=200", *extra]
+    if name != "fedau":
+        common.append(f"clients_per_round={clients}")
+    out, models = {}, {}
+    for on in (False, True):
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [str(FEDADAPT), "simulate", str(ROOT / scenario), "--out", d]
+            cmd += [a for o in [*common, f"privacy.secure_aggregation={str(on).lower()}"] for a in ("--set", o)]
+            r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+            rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+            models[on] = load_file(Path(d) / "model.safetensors")
+            acc = json.loads((Path(d) / "summary.json").read_text())["accuracy"]
+        out["masked" if on else "plain"] = {
+            "bytes_up_per_client": statistics.median(r["bytes_up"] / max(len(r["clients"]), 1) for r in rows),
+            "seconds_per_round": statistics.median(r["seconds"] for r in rows[1:] or rows),
+            "clients_per_round": statistics.median(len(r["clients"]) for r in rows),
+            "discarded": sum("secagg_discarded" in r["strategy"] for r in rows), "accuracy": acc}
+    out["max_model_difference"] = max(float((models[True][k].double() - v.double()).abs().max())
+                                      for k, v in models[False].items())
+    return out
+
+
 def masking_cost(num_params: int, clients: int, repeat: int = 3) -> dict:
     """Seconds to mask one client's upload (clients - 1 pairwise streams) and to unmask the round's sum."""
     import torch
@@ -86,6 +129,8 @@ def main() -> None:
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-secagg", action="store_true")
     ap.add_argument("--secagg-micro-only", action="store_true")
+    ap.add_argument("--secagg-strategies", nargs="+", choices=sorted(SECAGG_SCENARIOS),
+                    help="plain vs masked runs of these strategies' shipped scenarios (--secagg-rounds rounds)")
     ap.add_argument("--out", default="benchmarks/results/privacy.json")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every accuracy run (e.g. strategy.init_upload=gradient)")
@@ -108,6 +153,17 @@ def main() -> None:
                       flush=True)
                 out.write_text(json.dumps({**results, "args": vars(args)}, indent=2, default=str))
     if args.skip_secagg:
+        return
+    if args.secagg_strategies:
+        pairs = results.setdefault("secure_aggregation_strategies", {})
+        for name in args.secagg_strategies:
+            pairs[name] = p = secagg_pair(name, args.secagg_rounds, args.clients_per_round)
+            print(f"{name}: upload per client {p['plain']['bytes_up_per_client'] / 1e3:.1f} kB -> "
+                  f"{p['masked']['bytes_up_per_client'] / 1e3:.1f} kB masked, "
+                  f"{p['plain']['seconds_per_round']:.2f} -> {p['masked']['seconds_per_round']:.2f} s/round, "
+                  f"largest model difference {p['max_model_difference']:.2e}", flush=True)
+            results["nproc"] = os.cpu_count()
+            out.write_text(json.dumps(results, indent=2, default=str))
         return
     if args.secagg_micro_only:  # masking cost alone, for both adapters of the quickstart task
         micro = [masking_cost(n, k) for n in (QUICKSTART_PARAMS["fedavg"], QUICKSTART_PARAMS["fedsb"])

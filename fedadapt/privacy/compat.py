@@ -8,8 +8,9 @@ import math
 from fedadapt.core.config import RunConfig
 from fedadapt.core.errors import ConfigError
 
-# Strategies whose client recipe trains through the `privacy` hook (FedAU reuses FedAvg's recipe).
-CLIENT_DP = ("fedavg", "fedau", "fedsb")
+# Strategies whose client recipe trains through the `privacy` hook (FedAU reuses FedAvg's recipe; Ferret
+# projects a first-order update, FRL ranks its scores: both post-process what DP-SGD trained).
+CLIENT_DP = ("fedavg", "fedau", "fedsb", "ferret", "frl")
 # Strategies whose uploads the server may clip and noise as model updates (or, in Fed-SB's init, sums).
 CENTRAL_DP = ("fedavg", "fedsb")
 # Strategies whose aggregate is a (weighted) sum that secure aggregation is wired to: FedAU's weights are
@@ -40,9 +41,6 @@ def check(cfg: RunConfig) -> None:
     if p.dp == "client" and name not in CLIENT_DP:
         raise ConfigError(f"privacy.dp = 'client' is wired for strategies {', '.join(CLIENT_DP)}; "
                           f"strategy {name!r} does not train through DP-SGD")
-    if p.dp == "client" and cfg.adapter.kind == "supermask":
-        raise ConfigError("privacy.dp = 'client' with adapter.kind = 'supermask': edge-popup scores have no "
-                          "per-example gradients opacus can compute")
     if p.dp == "central" and name not in CENTRAL_DP:
         raise ConfigError(f"privacy.dp = 'central' is wired for strategies {', '.join(CENTRAL_DP)}; strategy "
                           f"{name!r} uploads something the server cannot clip as an update")

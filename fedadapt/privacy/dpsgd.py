@@ -1,7 +1,8 @@
-"""Client DP-SGD with opacus on exactly the model's trainable parameters (LoRA factors, Fed-SB's R, a head).
+"""Client DP-SGD with opacus on exactly the model's trainable parameters (LoRA factors, Fed-SB's R, a head,
+FRL's supermask scores).
 
 Per-example gradients come from opacus' GradSampleModule hooks (LoRA-SB's core R has its own grad
-sampler below); opacus' DPOptimizer clips each example's gradient to `max_grad_norm`, sums, adds
+sampler below; supermask scores, which opacus cannot hook, get theirs from `_SupermaskSamples`); opacus' DPOptimizer clips each example's gradient to `max_grad_norm`, sums, adds
 Gaussian noise N(0, (z C)^2) and divides by the expected batch size. Batches are Poisson-sampled
 (each example independently with rate q = batch_size / n), which is what the accountant assumes.
 
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fedadapt.core.errors import ModelError
 from fedadapt.core.rng import derive_seed, generator
 from fedadapt.models.lorasb import SCALE, LoraSBLinear, target_linears
+from fedadapt.models.supermask import Supermask
 
 from .ledger import Ledger, calibrate
 
@@ -182,13 +185,15 @@ def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_n
 
     _register_lorasb()
     params = [q for q in model.parameters() if q.requires_grad]
-    bad = [e for e in GradSampleModule.validate(model, strict=False) if "LoraSBLinear" not in str(e)]
+    supermask = _SupermaskSamples.of(model)
+    bad = [] if supermask else [e for e in GradSampleModule.validate(model, strict=False)
+                                if "LoraSBLinear" not in str(e)]
     if bad:
         raise ModelError(f"DP-SGD cannot train this model: {bad[0]}")
     n = len(data)
     # opacus multiplies noise by the clip; with noise 0 an infinite clip would give 0 * inf = NaN
     clip = max_grad_norm if math.isfinite(max_grad_norm) else sys.float_info.max
-    gsm = GradSampleModule(model, loss_reduction="mean", strict=False)
+    gsm = supermask or GradSampleModule(model, loss_reduction="mean", strict=False)
     quiet = warnings.catch_warnings()  # the first hooked layer's input needs no gradient; torch says so each step
     quiet.__enter__()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -211,6 +216,8 @@ def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_n
                     inputs, labels = data.batch(idx)
                     loss = F.cross_entropy(gsm(**inputs), labels)
                     loss.backward()
+                    if supermask:
+                        supermask.fill(len(idx))
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
                 opt.step()
@@ -220,6 +227,53 @@ def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_n
         for q in params:
             q.grad = None
     return {"loss": total / max(seen, 1), "steps": float(p.steps), "examples": float(seen)}
+
+
+class _SupermaskSamples:
+    """Per-example gradients of supermask scores (models/supermask.py). Opacus cannot hook them: the module
+    that owns the scores takes the frozen weight as input, not the batch. For a supermasked linear layer
+    y = x (W * m(s))^T with the straight-through mask, example i's own loss has
+
+        d loss_i / d s = W * sum_t g_it x_it^T       (g: the gradient at the layer's output, t: positions)
+
+    Forward and backward hooks on the layers keep x and g; `fill` sets each scores' grad_sample, which
+    opacus' DPOptimizer clips and noises as it does its own."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[nn.Module, Supermask]]):
+        self.model, self.layers = model, layers
+        self.handles = [h for m, _ in layers for h in (
+            m.register_forward_hook(lambda m, inputs, out: setattr(m, "_dp_x", inputs[0].detach())),
+            m.register_full_backward_hook(lambda m, g_in, g_out: setattr(m, "_dp_g", g_out[0].detach())))]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _SupermaskSamples | None:
+        """The sampler for `model` if it trains supermask scores, and only them; None if it has none."""
+        layers = [(m, m.parametrizations.weight[0]) for m in model.modules()
+                  if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], Supermask)]
+        if not layers:
+            return None
+        scores = {id(mask.scores) for _, mask in layers}
+        other = [k for k, p in model.named_parameters() if p.requires_grad and id(p) not in scores]
+        if other:
+            raise ModelError(f"DP-SGD on supermask scores: {other[0]!r} trains too, which has no per-example gradient")
+        return cls(model, layers)
+
+    def __call__(self, **inputs):
+        return self.model(**inputs)
+
+    def fill(self, batch: int) -> None:
+        for m, mask in self.layers:
+            g = m._dp_g * batch  # the mean loss's gradient -> each example's own loss
+            per = torch.einsum("n...o,n...i->noi", g, m._dp_x.to(g.dtype))
+            mask.scores.grad_sample = per * m.parametrizations.weight.original
+
+    def _close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for m, mask in self.layers:
+            for name in ("_dp_x", "_dp_g"):
+                m.__dict__.pop(name, None)
+            mask.scores.__dict__.pop("grad_sample", None)
 
 
 def _snapshot(model: nn.Module):

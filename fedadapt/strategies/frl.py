@@ -107,7 +107,8 @@ class FRLRecipe:
             masks[name].set_ranking(rank)
 
     def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
-        metrics = train_local(model, data, train_config(task.config), task.config["seed"])
+        trainer = train_local if privacy is None else privacy.train_local  # DP-SGD on the scores (fedadapt.privacy)
+        metrics = trainer(model, data, train_config(task.config), task.config["seed"])
         uploads = {name: encode_ranking(m.scores.detach()) for name, m in supermasks(model).items()}
         return ClientResult("", len(data), uploads, metrics)
 
