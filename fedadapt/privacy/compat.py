@@ -13,6 +13,14 @@ from fedadapt.core.errors import ConfigError
 CLIENT_DP = ("fedavg", "fedau", "fedsb", "ferret", "frl")
 # Strategies whose uploads the server may clip and noise as model updates (or, in Fed-SB's init, sums).
 CENTRAL_DP = ("fedavg", "fedsb")
+# Why the others do not take central DP.
+NO_CENTRAL_DP = {
+    "fedau": "FedAU multiplies a client's update by its participation weight (up to the cutoff K, or without "
+             "bound), so one client's influence on the sum is not the clip C: use privacy.dp = 'client'",
+    "frl": "FRL's vote is a sum of rank positions, not of updates the server could clip: use privacy.dp = 'client'",
+    "ferret": "Ferret's uploads are coordinates on random bases, not updates the server could clip: use "
+              "privacy.dp = 'client'",
+}
 # Strategies whose aggregate is a (weighted) sum that secure aggregation is wired to: FedAU's weights are
 # applied on the client, FRL sums rank positions, Ferret dense tables, ZO per-seed scalar sums.
 SECURE_SUM = ("fedavg", "fedsb", "fedau", "ferret", "zo", "frl")
@@ -42,8 +50,9 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"privacy.dp = 'client' is wired for strategies {', '.join(CLIENT_DP)}; "
                           f"strategy {name!r} does not train through DP-SGD")
     if p.dp == "central" and name not in CENTRAL_DP:
-        raise ConfigError(f"privacy.dp = 'central' is wired for strategies {', '.join(CENTRAL_DP)}; strategy "
-                          f"{name!r} uploads something the server cannot clip as an update")
+        why = NO_CENTRAL_DP.get(name, "it uploads something the server cannot clip as an update")
+        raise ConfigError(f"privacy.dp = 'central' is wired for strategies {', '.join(CENTRAL_DP)}, not "
+                          f"{name!r}: {why}")
     if name == "fedsb" and cfg.strategy.get("init_upload") == "sign" and (p.secure_aggregation or p.dp == "central"):
         raise ConfigError("strategy.init_upload = 'sign' sends packed sign bits, which the server must unpack one "
                           "client at a time: they can be neither masked into a sum nor clipped and noised; use "
