@@ -74,9 +74,15 @@ def main() -> None:
                     help="server learning rates; 'all' divides by N instead of ~|S|, so it gets these x 10")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra scenario overrides")
     ap.add_argument("--out", default="fedau_participation")
+    ap.add_argument("--skew", action="store_true",
+                    help="run nothing: per seed, how far FedAvg's objective is from the uniform one (data only)")
     ap.add_argument("--merge", nargs="+", metavar="NAME",
                     help="run nothing: combine the results/NAME.json of earlier runs into one table and plot")
     args = ap.parse_args()
+    if args.skew:
+        for seed in args.seeds:
+            print(objective_skew(args.scenario, seed, args.extra))
+        return
     if args.merge:
         parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
         runs = [r for part in parts for r in part["runs"]]
@@ -117,6 +123,30 @@ def main() -> None:
            "overrides": args.extra, "tuning": tuning, "table": table, "runs": runs}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
     report(table, runs, RESULTS / f"{args.out}.png", args.scenario)
+
+
+def objective_skew(scenario: str, seed: int, extra: list[str]) -> str:
+    """How participation reweights the objective: averaging over participants minimises sum_n p_n f_n, so each
+    class weighs sum_n p_n x (client n's share of that class), against sum_n (its share) for the uniform
+    objective that FedAU and 1/p aim at. Data and availability only; nothing is trained."""
+    from fedadapt.simulation import availability
+    from fedadapt.simulation.scenario import build_scenario
+
+    cfg = load_config(scenario, [f"seed={seed}", *extra])
+    sc = build_scenario(cfg)
+    c = sc.task.train.num_classes
+    avail = availability.from_config(cfg.availability, seed, {k: f.labels for k, f in sc.clients.items()}, c)
+    biased, uniform = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for cid, f in sc.clients.items():
+        share = torch.bincount(f.labels, minlength=c).double() / len(f.labels)
+        biased += avail.p[cid] * share
+        uniform += share
+    biased, uniform = biased / biased.sum(), uniform / uniform.sum()
+    ps = sorted(avail.p.values())
+    top = ", ".join(f"class {int(k)} {biased[k]:.0%}" for k in torch.argsort(biased, descending=True)[:3])
+    return (f"seed {seed}: {sum(p <= cfg.availability.floor + 1e-12 for p in ps)} clients at the floor, largest p "
+            f"{ps[-1]:.2f}; FedAvg's objective by class: {top}; total variation from the uniform objective's "
+            f"class mix {0.5 * float((biased - uniform).abs().sum()):.2f}")
 
 
 def summarize(methods, chosen: dict[str, tuple[float, float]], runs: list[dict]) -> list[dict]:
