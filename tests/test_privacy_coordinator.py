@@ -298,7 +298,7 @@ def test_a_run_the_daemon_cannot_serve_is_refused_and_the_daemon_stays_up():
     agent = ClientAgent("127.0.0.1:1", Credentials("a", "t"), make_workload, log=lambda msg: None)
     header = pb.TaskHeader(run_id="r", round=1, kind="train", config_json="{}", run_spec_json="{}")
     up = agent._handle(header, codec.encode({}))
-    assert up.metrics["refused"] == "this client trains only under client DP" and up.payload == b""
+    assert up.metrics["refused"] == "this client trains only under client DP" and codec.decode(up.payload) == {}
     assert agent._handle(pb.TaskHeader(run_id="r", round=2, kind="train", config_json="{}", run_spec_json="{}"),
                          codec.encode({})).metrics["refused"] and len(built) == 1  # remembered per run
 

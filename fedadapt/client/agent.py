@@ -146,7 +146,8 @@ class ClientAgent:
         w = self._workload[1]
         if isinstance(w, Exception):
             self.log(f"round {header.round}: refused run {header.run_id}: {w}")
-            return Upload(header.run_id, header.round, header.kind, header.config_json, 0, {"refused": str(w)}, b"")
+            return Upload(header.run_id, header.round, header.kind, header.config_json, 0, {"refused": str(w)},
+                          codec.encode({}))
         self.log(f"round {header.round}: {header.kind} task received")
         task = Task(header.kind, header.round, json.loads(header.config_json),
                     codec.decode(payload, max_bytes=self.max_payload_bytes))
