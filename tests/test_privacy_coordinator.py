@@ -224,9 +224,10 @@ def test_client_dp_through_the_coordinator_keeps_the_ledger_across_a_daemon_rest
         before, after = (p.text().count(": train on ") for p in (procs["role1"], restarted))
         assert before >= 1 and after >= 1, d.logs()
         last = [e for e in ledger if e.client == "role1"][-1]
-        assert last.epsilon == pytest.approx(opacus_epsilon((before + after) * steps), rel=1e-9)
         saved = ClientState(tmp_path / "creds" / "role1").ledger_file(run_id).load()
-        assert sum(n for _, _, n in saved.history) == (before + after) * steps
+        lives = sum(n for _, _, n in saved.history) // steps  # a run killed after its ledger save counts, unlogged
+        assert before + after <= lives <= before + after + 1
+        assert last.epsilon == pytest.approx(opacus_epsilon(lives * steps), rel=1e-9)
         assert math.isclose(saved.spent, last.epsilon, rel_tol=1e-12)
 
 
