@@ -10,6 +10,7 @@ demo: $(STAMP)
 	$(BIN)/fedadapt simulate simulations/quickstart.toml
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 install: $(STAMP)

@@ -72,9 +72,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from fedadapt.simulation.runner import default_out_dir, simulate
+        from fedadapt.simulation.runner import default_out_dir, in_process, simulate
 
-        simulate(cfg, args.out or default_out_dir(cfg), transport=args.transport)
+        if args.transport == "grpc":
+            from fedadapt.loopback import grpc_transport as transport
+        else:
+            transport = in_process
+        simulate(cfg, args.out or default_out_dir(cfg), transport=transport)
         return 0
     if args.command == "data":
         _quiet_libraries()

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import grpc
 
-from fedadapt.client.credentials import channel_credentials, load_credentials, metadata
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.auth import channel_credentials, load_credentials, metadata
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "fedadapt.cli"]

@@ -1,8 +1,9 @@
-"""Run inside the Flower venv by tests/test_flower.py (flwr cannot share the project venv; see
-benchmarks/flower_env.py). Drives FedadaptStrategy with an in-process Grid that hands each message to the
-ClientApp of fedadapt.flower.app, tampers with some replies, and prints what the round recorded as JSON.
+"""Run inside the Flower venv by tests/test_flower.py and tests/test_executor.py (flwr cannot share the project
+venv; see benchmarks/flower_env.py). Drives FedadaptStrategy with an in-process Grid that hands each message to
+the ClientApp of fedadapt.flower.app, and prints what the round recorded as JSON.
 
-    python tests/flower_inproc.py SCENARIO.toml
+    python tests/flower_inproc.py SCENARIO.toml             tamper with some replies (the engine's checks)
+    python tests/flower_inproc.py SCENARIO.toml --nan K     the K-th client's training diverges (NaN)
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from safetensors.torch import save
 
 from fedadapt.core import codec
 from fedadapt.flower import wire
-from fedadapt.flower.app import load_scenario, make_client_app, settings_of
+from fedadapt.flower.app import load_run, make_client_app
 from fedadapt.flower.strategy import FedadaptStrategy
-from fedadapt.strategies.base import ModelSpec, build
 
 
 class LocalGrid:
@@ -41,15 +41,24 @@ class LocalGrid:
         return out
 
 
-def main(path: str) -> None:
+def main(path: str, nan: int | None = None) -> None:
     from flwr.supercore.task_identity import TaskIdentity  # a ServerApp process has these set by Flower
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    cfg, sc = load_scenario({}, path)
-    ids = sorted(sc.clients)
-    model = sc.loaded.model
-    spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    strategy, _ = build(cfg.strategy, settings_of(cfg, len(ids)))
-    fs = FedadaptStrategy(strategy, spec, num_rounds=1, min_nodes=len(ids), wait_for_nodes=1, fraction_evaluate=0.5)
+    run = load_run({}, path)
+    ids = sorted(run.clients)
+    fs = FedadaptStrategy(run.strategy, run.spec, num_rounds=1, min_nodes=len(ids), wait_for_nodes=1,
+                          fraction_evaluate=0.0 if nan is not None else 0.5)
+    if nan is not None:  # the same diverging client as the simulator and a daemon get (tests/test_executor.py)
+        from nan_recipe import NaNFor
+
+        run.executor.recipe = NaNFor(run.executor.recipe, run.clients[ids[nan]])
+        grid = LocalGrid(make_client_app(path), len(ids), lambda msg, reply: reply)
+        arrays, _ = fs.aggregate_train(1, grid.send_and_receive(list(fs.configure_train(1, None, None, grid))))
+        rec = fs.records[-1]
+        state = arrays.to_torch_state_dict()
+        print(json.dumps({"per_client": rec.per_client, "rejected": rec.rejected, "clients": rec.clients,
+                          "model": {k: state[k].double().flatten().tolist() for k in sorted(state)}}))
+        return
 
     def re_upload(reply: Message, change) -> Message:
         r = wire.result_of(reply.content, "")
@@ -91,4 +100,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--nan" else None)

@@ -11,12 +11,12 @@ from fedadapt.core import codec
 from fedadapt.core.config import AttackConfig, load_config
 from fedadapt.core.errors import ConfigError
 from fedadapt.models.classifier import Features
-from fedadapt.server.engine import ResultMessage, TaskMessage
-from fedadapt.simulation.attacks import (AttackedTransport, choose_malicious, poison_data, reverse_rankings,
-                                         tamper)
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, build
+from fedadapt.runtime.engine import ResultMessage, TaskMessage
+from fedadapt.simulation.attacks import AttackedTransport, choose_malicious, poison_data, reverse_rankings, tamper
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings
 from fedadapt.strategies.frl import vote
 from fedadapt.strategies.median import coordinate_median
+from fedadapt.strategies.registry import build
 
 D = torch.float64
 IDS = [f"c{i:02d}" for i in range(20)]

@@ -80,7 +80,7 @@ def test_probabilities_follow_the_label_mix_with_floor_and_cap():
      "unknown config key 'availability.patern' (did you mean 'availability.pattern'?)"),
     ("availability.pattern=sometimes", "config key 'availability.pattern' must be one of"),
     ("availability.mean=0", "config key 'availability.mean' must be in (0, 1]"),
-    ("availability.period=1", "'availability.period' >= 2"),
+    ("availability.period=1", "'availability.period' must be >= 2"),
 ])
 def test_bad_availability_config_is_one_line(override, needle):
     with pytest.raises(ConfigError) as err:

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedadapt.client.credentials import Credentials, channel_credentials, load_credentials, metadata
 from fedadapt.core.errors import ConfigError, FedadaptError
+from fedadapt.proto.auth import Credentials, channel_credentials, load_credentials, metadata
 from fedadapt.server.certs import admin_token, init_certs, issue_credentials, server_credentials, token_credentials
 
 

@@ -9,43 +9,13 @@ import signal
 
 import pytest
 import torch
+from deploy import Deployment, lora_run_toml, tiny_text_file
 from safetensors.torch import load_file
 
-from deploy import Deployment, lora_run_toml, tiny_text_file
 from fedadapt.server.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CLIENTS = ["role0", "role1", "role2"]
-
-
-@pytest.fixture(scope="session")
-def data_file(tmp_path_factory):
-    """Three groups: one partition per client daemon, as in the simulation."""
-    return tiny_text_file(tmp_path_factory.mktemp("data") / "lines.jsonl", n_groups=3)
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    """The in-process simulation of a scenario: final tensors, computed once per distinct config."""
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def simulate(toml: str) -> dict[str, torch.Tensor]:
-        if toml not in cache:
-            root = tmp_path_factory.mktemp("reference")
-            (root / "run.toml").write_text(toml)
-            Deployment(root, "unused", tls=False).cli("simulate", root / "run.toml", "--out", root / "out",
-                                                      "--threads", "1")
-            cache[toml] = load_file(root / "out" / "model.safetensors")
-        return cache[toml]
-
-    return simulate
-
-
-@pytest.fixture
-def deployment(tmp_path, db_url):
-    d = Deployment(tmp_path, db_url)
-    yield d
-    d.close()
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

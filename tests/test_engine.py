@@ -3,8 +3,9 @@
 import torch
 
 from fedadapt.core import codec
-from fedadapt.server.engine import ResultMessage, RoundEngine
-from fedadapt.strategies.base import ClientInfo, ModelSpec, RunSettings, build
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
+from fedadapt.strategies.base import ClientInfo, ModelSpec, RunSettings
+from fedadapt.strategies.registry import build
 
 D = torch.float64
 
@@ -78,8 +79,24 @@ def test_quorum_not_met_leaves_state_unchanged():
 def test_duplicate_results_count_once():
     e = engine(lambda t: honest(3.0)(t) * 2, n=2, per_round=2)
     rec = e.run_round(1)
-    assert rec.clients == ["c0", "c1"] and set(rec.rejected) == {"c0", "c1"}
+    assert rec.clients == ["c0", "c1"] and rec.rejected == {}
     assert torch.equal(e.state.tensors["w"], torch.full((2,), 3.0, dtype=D))
+
+
+def test_a_later_refusal_does_not_overwrite_an_aggregated_clients_record():
+    """c0's result is aggregated, then it sends a duplicate and a stale copy: its record stays accepted (every
+    byte it sent still counted); c1 sends only a stale result: rejected with that reason."""
+    def reply(t):
+        good = honest(3.0)(t)[0]
+        if t.client_id == "c0":
+            return [good, good, ResultMessage("c0", t.round - 1, 1, {}, good.payload)]
+        return [ResultMessage("c1", t.round - 1, 1, {}, good.payload)]
+
+    rec = engine(reply, n=2, per_round=2).run_round(1)
+    c0, c1 = rec.per_client["c0"], rec.per_client["c1"]
+    assert rec.clients == ["c0"] and set(rec.rejected) == {"c1"} and "stale" in rec.rejected["c1"]
+    assert c0["status"] == "accepted" and c0["reason"] == "" and c0["up"] == rec.bytes_up - c1["up"]
+    assert c0["up"] == 3 * c1["up"] and c1["status"] == "rejected" and "stale" in c1["reason"]
 
 
 def test_broadcast_encoded_once_per_round():

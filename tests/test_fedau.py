@@ -11,11 +11,12 @@ import torch
 from fedadapt.core import codec
 from fedadapt.core.config import AvailabilityConfig
 from fedadapt.core.errors import ConfigError
-from fedadapt.server.engine import ResultMessage, RoundEngine
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
 from fedadapt.server.store import Store
 from fedadapt.simulation.availability import Availability, AvailabilityTransport
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, build
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings
 from fedadapt.strategies.fedau import NUM_CLIENTS, Entry, entries, participate, participation_weights
+from fedadapt.strategies.registry import build
 
 D = torch.float64
 
@@ -181,10 +182,10 @@ def test_n_is_never_below_the_clients_seen():
 
 
 @pytest.mark.parametrize("opts, needle", [
-    ({"weighting": "magic"}, "strategy.weighting must be one of"),
+    ({"weighting": "magic"}, "'strategy.weighting' must be one of"),
     ({"cutof": 3}, "unknown config key 'strategy.cutof' (did you mean 'strategy.cutoff'?)"),
     ({"cutoff": -1}, "must be >= 0"),
-    ({"server_lr": -1.0}, "strategy.server_lr must be >= 0"),
+    ({"server_lr": -1.0}, "'strategy.server_lr' must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(opts, needle):
     with pytest.raises(ConfigError) as err:
@@ -290,9 +291,9 @@ cutoff = 2
 
 
 def test_kill9_coordinator_resumes_fedau_weights_bit_identical(tmp_path):
+    from deploy import Deployment
     from safetensors.torch import load_file
 
-    from deploy import Deployment
     from fedadapt.cli import main
     from fedadapt.server.certs import token_credentials
 

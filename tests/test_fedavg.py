@@ -5,8 +5,10 @@ import itertools
 import pytest
 import torch
 
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, build
-from fedadapt.strategies.fedavg import server_step, weighted_average, weights
+from fedadapt.strategies.aggregate import weighted_average, weights
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings
+from fedadapt.strategies.fedavg import server_step
+from fedadapt.strategies.registry import build
 
 D = torch.float64
 

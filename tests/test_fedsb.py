@@ -14,12 +14,13 @@ from fedadapt.core import codec
 from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError, ModelError, PayloadError
 from fedadapt.models.lorasb import SCALE, LoraSBLinear, frozen_factors, lorasb_init
-from fedadapt.server.engine import ResultMessage, RoundEngine
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
 from fedadapt.server.store import Store
-from fedadapt.simulation.scenario import build_scenario
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, Task, build
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, Task
 from fedadapt.strategies.fedsb import FROZEN_HASH, SIGNS, A, B, R, frozen_hash, pack_signs, unpack_votes
 from fedadapt.strategies.lowrank import content_hash
+from fedadapt.strategies.registry import build
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 D = torch.float64
@@ -150,12 +151,12 @@ def test_sign_upload_takes_the_majority_vote_and_is_32x_smaller():
 @pytest.mark.parametrize("privacy", ["secure_aggregation = true", 'dp = "central"\nepsilon = 3'])
 def test_sign_upload_is_refused_where_uploads_are_summed_under_masks_or_noised(privacy):
     from fedadapt.core.config import load_config_text
-    from fedadapt.privacy import compat
+    from fedadapt.runtime import setup
 
     text = '[strategy]\nname = "fedsb"\ninit_upload = "{}"\n[privacy]\n' + privacy
-    compat.check(load_config_text(text.format("gradient")))
+    setup.check(load_config_text(text.format("gradient")))
     with pytest.raises(ConfigError, match="init_upload = 'sign' sends packed sign bits"):
-        compat.check(load_config_text(text.format("sign")))
+        setup.check(load_config_text(text.format("sign")))
 
 
 def test_message_size_is_sum_of_r_squared_plus_head_whatever_the_number_of_clients():
@@ -250,7 +251,7 @@ def test_clients_train_only_r_and_the_head_b_and_a_stay_bit_identical(tmp_path):
                              "adapter.target_modules=[]", f"data.dataset=\"{data}\"", "data.group_field=\"who\"",
                              "clients_per_round=2", "train.batch_size=4", "train.local_steps=3",
                              "strategy={name=\"fedsb\", init_samples=8}"])
-    sc = build_scenario(cfg)
+    sc = setup.load(cfg)
     strat, recipe = build(cfg.strategy, RunSettings(cfg.seed, 3, 2, dataclasses.asdict(cfg.train)))
     model0 = sc.loaded.model
     spec_ = ModelSpec({n: p.detach().clone() for n, p in model0.named_parameters() if p.requires_grad})

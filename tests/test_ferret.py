@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from own_models import OwnModels  # tests/own_models.py
 from safetensors.torch import save
 
 from fedadapt.core import codec
 from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError, PayloadError
-from fedadapt.server.engine import ResultMessage, RoundEngine
-from fedadapt.simulation.scenario import build_scenario
-from fedadapt.strategies.base import ClientInfo, ClientResult, ModelSpec, RunSettings, Task, build
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
+from fedadapt.strategies.base import ClientInfo, ClientResult, ModelSpec, RunSettings, Task
 from fedadapt.strategies.ferret import (
     ENTRIES,
     PRUNED,
@@ -33,6 +34,7 @@ from fedadapt.strategies.ferret import (
     unpack,
 )
 from fedadapt.strategies.lowrank import content_hash, hash_metric
+from fedadapt.strategies.registry import build
 from fedadapt.strategies.seeded import pool_seeds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,32 +222,10 @@ def tiny_cfg(rounds=5, per_round=1, extra=()):
                               "train.batch_size=8", "train.lr=0.05", "train.local_steps=3", "seed=5", *extra])
 
 
-class OwnModels:
-    """In-process clients that each keep their OWN model, as daemons do: late joiners must catch up."""
-
-    def __init__(self, model, recipe, data):
-        self.models = {cid: copy.deepcopy(model) for cid in data}
-        self.recipe, self.data = recipe, data
-        self.entries: list[torch.Tensor] = []
-
-    def clients(self):
-        return [ClientInfo(cid, len(d)) for cid, d in self.data.items()]
-
-    def run(self, tasks, *, timeout):
-        out = []
-        for msg in tasks:
-            task = Task(msg.kind, msg.round, msg.config, codec.decode(msg.payload))
-            self.recipe.prepare(self.models[msg.client_id], task)
-            r = self.recipe.train(self.models[msg.client_id], self.data[msg.client_id], task)
-            self.entries.append(r.tensors[ENTRIES])
-            out.append(ResultMessage(msg.client_id, msg.round, r.num_examples, r.metrics, codec.encode(r.tensors)))
-        return out
-
-
 @pytest.mark.parametrize("basis", ["gaussian", "truncnormal"])
 def test_clients_replay_missed_tables_hash_equal_to_the_server(basis):
     cfg = tiny_cfg(rounds=8, extra=[f'strategy={{name="ferret", seeds=40, basis="{basis}", params=["encoder.*"]}}'])
-    sc = build_scenario(cfg)
+    sc = setup.load(cfg)
     initial = copy.deepcopy(sc.loaded.model)
     strat, recipe = build(cfg.strategy, RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round,
                                                     dataclasses.asdict(cfg.train)))
@@ -266,7 +246,7 @@ def test_clients_replay_missed_tables_hash_equal_to_the_server(basis):
     assert all(torch.equal(engine.state.tensors[n], spec_.initial[n]) for n in spec_.initial if n not in names)
     # seed counts per block in every real upload: >= 2, and K for the block with the largest update
     k, blocks = 40, len(strat.layout.blocks)
-    for e in transport.entries:
+    for e in (u[ENTRIES] for u in transport.uploads):
         counts = torch.bincount(unpack(e)[0] // k, minlength=blocks)
         assert int(counts.min()) >= 2 and int(counts.max()) == k
     # a brand-new client catches up from theta_0 and ends hash-equal to the server
@@ -279,7 +259,7 @@ def test_clients_replay_missed_tables_hash_equal_to_the_server(basis):
 
 def test_a_client_out_of_step_is_refused_with_one_line():
     cfg = tiny_cfg(rounds=2, extra=['strategy={name="ferret", seeds=8}'])
-    sc = build_scenario(cfg)
+    sc = setup.load(cfg)
     strat, recipe = build(cfg.strategy, RunSettings(cfg.seed, cfg.rounds, 1, dataclasses.asdict(cfg.train)))
     spec_ = ModelSpec({n: p.detach().clone() for n, p in sc.loaded.model.named_parameters() if p.requires_grad})
     state = strat.init_state(spec_)

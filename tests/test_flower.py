@@ -9,67 +9,28 @@ side runs here.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from deploy import REPO, lora_run_toml, tiny_text_file  # tests/deploy.py
 from safetensors.torch import load_file
 
 from fedadapt.cli import main as fedadapt_main
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-from deploy import lora_run_toml  # noqa: E402
-from flower_env import flower_python  # noqa: E402
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def flower():
-    py, env = flower_python()
-    env["OMP_NUM_THREADS"] = "1"  # as the simulator side below; Ray keeps a value already set
-    return py, env
 
 
 def scenario(tmp_path: Path, strategy: str, clients_per_round: int) -> Path:
     """FLoRA-ready tiny Llama, one client per 'who' group (6 clients), 2-label text task."""
-    words = {0: ["apple", "pear", "plum"], 1: ["storm", "sword", "blood"]}
-    data = tmp_path / "lines.jsonl"
-    with data.open("w") as f:
-        for g in range(6):
-            for i in range(12):
-                label = (g + i) % 2
-                text = " ".join(words[label][(i + k) % 3] for k in range(4))
-                f.write(json.dumps({"text": text, "label": ["sweet", "grim"][label], "who": f"role{g}"}) + "\n")
+    data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=6)
     path = tmp_path / f"{strategy}.toml"
     path.write_text(lora_run_toml(data, rounds=4, clients_per_round=clients_per_round,
                                   extra=f"[strategy]\n{strategy}"))
     return path
 
 
-def run_flower(flower, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    py, env = flower
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
-    p = subprocess.Popen([str(py), *args], env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # its own session: Ray's processes go too
-        out, _ = p.communicate()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, "")
-
-
-def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(flower, tmp_path):
+def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(run_flower, tmp_path):
     # FLoRA: per-client ranks (per-node messages), catch-up of clients that missed rounds, exact stacking
     cfg = scenario(tmp_path, 'name = "flora"\nranks = [2, 4]', clients_per_round=3)
     threads = torch.get_num_threads()
@@ -78,7 +39,7 @@ def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(
         assert fedadapt_main(["simulate", str(cfg), "--out", str(tmp_path / "sim")]) == 0
     finally:
         torch.set_num_threads(threads)
-    r = run_flower(flower, ["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
+    r = run_flower(["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
     assert r.returncode == 0, r.stdout[-4000:]
 
     sim, fl = load_file(tmp_path / "sim" / "model.safetensors"), load_file(tmp_path / "flower" / "model.safetensors")
@@ -102,9 +63,9 @@ def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(
     assert sim_s["accuracy"] == fl_s["accuracy"] and sim_s["loss"] == fl_s["loss"]
 
 
-def test_uploads_through_flower_get_the_engines_checks(flower, tmp_path):
+def test_uploads_through_flower_get_the_engines_checks(run_flower, tmp_path):
     cfg = scenario(tmp_path, 'name = "fedavg"', clients_per_round=6)
-    r = run_flower(flower, [str(REPO / "tests" / "flower_inproc.py"), str(cfg)], timeout=300)
+    r = run_flower([str(REPO / "tests" / "flower_inproc.py"), str(cfg)], timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     ids = out["ids"]

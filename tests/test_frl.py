@@ -12,10 +12,11 @@ from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.models.build import build_model
 from fedadapt.models.supermask import kept, ranking, supermasks, top_mask
-from fedadapt.server.engine import ResultMessage, RoundEngine
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
 from fedadapt.server.store import Store
-from fedadapt.strategies.base import ClientResult, GlobalState, ModelSpec, RunSettings, Task, build
+from fedadapt.strategies.base import ClientResult, GlobalState, ModelSpec, RunSettings, Task
 from fedadapt.strategies.frl import compact_dtype, permutation_error, reputation, vote
+from fedadapt.strategies.registry import build
 
 SETTINGS = RunSettings(seed=0, rounds=3, clients_per_round=4, train={"lr": 0.1})
 U8 = torch.uint8

@@ -18,20 +18,19 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
 import pytest
 import torch
+from deploy import Deployment, lora_run_toml
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from deploy import Deployment, lora_run_toml, tiny_text_file
-from fedadapt.client.credentials import Credentials, channel_credentials, load_credentials, metadata
 from fedadapt.core import codec
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.auth import Credentials, channel_credentials, load_credentials, metadata
 from fedadapt.proto.chunks import describe, split
 from fedadapt.server.store import Store
 
@@ -42,36 +41,6 @@ MAX_PAYLOAD = 1024 * 1024  # the coordinator runs with --max-payload-mb 1
 ROUNDS = 6
 WAIT = 120.0  # bound on any single wait for the coordinator
 S = pb.PushReply  # statuses
-
-
-# ----------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return tiny_text_file(tmp_path_factory.mktemp("hostile-data") / "lines.jsonl", n_groups=3)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The in-process simulation of a TOML (computed once per distinct config)."""
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def simulate(toml: str) -> dict[str, torch.Tensor]:
-        if toml not in cache:
-            root = tmp_path_factory.mktemp("hostile-reference")
-            (root / "run.toml").write_text(toml)
-            Deployment(root, "unused", tls=False).cli("simulate", root / "run.toml", "--out", root / "out",
-                                                      "--threads", "1")
-            cache[toml] = load_file(root / "out" / "model.safetensors")
-        return cache[toml]
-
-    return simulate
-
-
-@pytest.fixture
-def deployment(tmp_path, db_url):
-    d = Deployment(tmp_path, db_url)
-    yield d
-    d.close()
 
 
 # ----------------------------------------------------------------------------------- the hostile client

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fedadapt.server.engine import ResultMessage, TaskMessage
+from fedadapt.runtime.engine import ResultMessage, TaskMessage
 from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REJECTED, ClientHub, Session
 
 RUN = "run-1"

@@ -11,20 +11,23 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedadapt.client.trainer import make_optimizer, train_config, train_local
 from fedadapt.core import codec
 from fedadapt.core.config import PrivacyConfig, load_config_text
 from fedadapt.core.errors import ConfigError, ModelError
 from fedadapt.models.classifier import Features
 from fedadapt.models.lorasb import LoraSBLinear
 from fedadapt.models.supermask import attach_supermask
-from fedadapt.privacy import central, compat, secagg
-from fedadapt.privacy.dpsgd import ClientDP, DPSettings, _guard, _snapshot
+from fedadapt.privacy import central_dp, secagg
+from fedadapt.privacy.client_dp import ClientDP, DPSettings, _guard, _snapshot
 from fedadapt.privacy.ledger import Ledger
-from fedadapt.server.engine import RoundEngine
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import RoundEngine
+from fedadapt.runtime.executor import Executor
 from fedadapt.simulation.transport import InProcessTransport
 from fedadapt.strategies import private
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, Task, build
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings, Task
+from fedadapt.strategies.registry import build
+from fedadapt.training.loop import make_optimizer, train_config, train_local
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 D = torch.float64
@@ -47,12 +50,12 @@ def cfg(extra: str, strategy: str = "fedavg"):
 ])
 def test_unsafe_combinations_are_refused_with_a_reason(strategy, extra, why):
     with pytest.raises(ConfigError, match=why):
-        compat.check(cfg(extra, strategy))
+        setup.check(cfg(extra, strategy))
 
 
 def test_safe_combinations_pass_and_bad_values_name_their_key():
     for strategy in ("fedavg", "fedsb"):
-        compat.check(cfg('dp = "client"\nepsilon = 3\nsecure_aggregation = true', strategy))
+        setup.check(cfg('dp = "client"\nepsilon = 3\nsecure_aggregation = true', strategy))
     with pytest.raises(ConfigError, match="privacy.dp"):
         cfg('dp = "local"')
     with pytest.raises(ConfigError, match="privacy.delta"):
@@ -113,9 +116,9 @@ def test_no_noise_and_no_clipping_reproduce_plain_training(lorasb, seq):
 def test_lorasb_per_example_gradient_matches_autograd():
     from opacus import GradSampleModule
 
-    import fedadapt.privacy.dpsgd as dpsgd
+    import fedadapt.privacy.client_dp as client_dp
 
-    dpsgd._register_lorasb()
+    client_dp._register_lorasb()
     model, d = Tiny(True, seq=True), data(n=4, seq=True)
     gsm = GradSampleModule(model, loss_reduction="sum", strict=False)
     torch.nn.functional.cross_entropy(gsm(**d.batch(torch.arange(4))[0]), d.labels, reduction="sum").backward()
@@ -142,10 +145,10 @@ class TinySupermask(nn.Module):
 
 @pytest.mark.parametrize("seq", [False, True])
 def test_supermask_scores_per_example_gradients_match_autograd_and_no_noise_reproduces_plain(seq):
-    import fedadapt.privacy.dpsgd as dpsgd
+    import fedadapt.privacy.client_dp as client_dp
 
     model, d = TinySupermask(seq), data(n=4, seq=seq)
-    sampler = dpsgd._SupermaskSamples.of(model)
+    sampler = client_dp._SupermaskSamples.of(model)
     torch.nn.functional.cross_entropy(sampler(**d.batch(torch.arange(4))[0]), d.labels).backward()
     sampler.fill(4)
     per = {k: p.grad_sample.clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -211,7 +214,7 @@ def mlp_run(n_clients=6, per_round=3, rounds=3, n=16, **privacy):
     model = Tiny(False)
     clients = {f"c{i}": data(n=n + i, seed=10 + i) for i in range(n_clients)}
     spec = ModelSpec({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
-    return RoundEngine(strategy, Recording(model, recipe, clients), spec), strategy, recipe
+    return RoundEngine(strategy, Recording(Executor(model, recipe), clients), spec), strategy, recipe
 
 
 class Recording(InProcessTransport):
@@ -306,9 +309,9 @@ def test_a_client_missing_after_masking_discards_the_round():
 # ------------------------------------------------------------------------------------------ central DP
 def test_central_clipping_bounds_each_update_and_noise_has_the_right_scale():
     ups = [{"w": torch.full((4,), 10.0, dtype=D)}, {"w": torch.full((4,), 0.1, dtype=D)}]
-    total, m = central.noised_sum(ups, 1.0, 0.0, torch.Generator().manual_seed(0))
+    total, m = central_dp.noised_sum(ups, 1.0, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(total["w"], torch.full((4,), 0.5 + 0.1, dtype=D)) and m["central_dp_clipped"] == 0.5
-    noisy, _ = central.noised_sum([{"w": torch.zeros(20000, dtype=D)}], 2.0, 1.5, torch.Generator().manual_seed(0))
+    noisy, _ = central_dp.noised_sum([{"w": torch.zeros(20000, dtype=D)}], 2.0, 1.5, torch.Generator().manual_seed(0))
     assert float(noisy["w"].std()) == pytest.approx(3.0, rel=0.03)
 
 
@@ -322,9 +325,9 @@ def test_central_accountant_uses_each_rounds_real_sampling_rate():
         results = [ClientResult(c, 1, {"w": torch.ones(3, dtype=D)}) for c in tasks]
         out = s.aggregate(rnd, results, state)
         assert out.metrics["privacy/sample_rate"] == 2 / available
-    assert s.central.history == [(2.0, 0.25, 1), (2.0, 0.5, 1)]
+    assert s.central.ledger.history == [(2.0, 0.25, 1), (2.0, 0.5, 1)]
     # a round that would pass the budget sends no task
-    s.central.history.append((2.0, 1.0, 1000))
+    s.central.ledger.history.append((2.0, 1.0, 1000))
     assert s.configure(3, [ClientInfo(f"c{i}") for i in range(8)], state) == {}
 
 
@@ -390,13 +393,11 @@ def test_task_gets_settings_and_recipe_wraps_only_what_is_on():
 
 
 def test_a_coordinator_runs_every_privacy_mode_and_refuses_unsafe_combinations():
-    from fedadapt.server.runs import _check_deployable
-
     for extra in ('dp = "central"\nepsilon = 3', 'dp = "client"\nepsilon = 3', "secure_aggregation = true",
                   'dp = "client"\nepsilon = 3\nsecure_aggregation = true'):
-        _check_deployable(cfg(extra))
+        setup.check(cfg(extra), "coordinator")
     with pytest.raises(ConfigError, match="individually"):
-        _check_deployable(cfg("secure_aggregation = true", "flora"))
+        setup.check(cfg("secure_aggregation = true", "flora"), "coordinator")
 
 
 def test_private_strategy_state_survives_a_restart():
@@ -405,12 +406,12 @@ def test_private_strategy_state_survives_a_restart():
     settings = RunSettings(seed=0, rounds=4, clients_per_round=2, train={"lr": 0.1}, num_clients=8)
     s, _ = private.wrap(build({"name": "fedavg"}, settings)[0], None,
                         PrivacyConfig(dp="central", epsilon=4.0, noise_multiplier=2.0), settings)
-    s.central.record(2.0, 0.25, 3)
+    s.central.ledger.record(2.0, 0.25, 3)
     s.exhausted.add("c1")
     again, _ = private.wrap(build({"name": "fedavg"}, settings)[0], None,
                             PrivacyConfig(dp="central", epsilon=4.0, noise_multiplier=2.0), settings)
     again.load_state_dict(json.loads(json.dumps(s.state_dict())))  # the store keeps it as JSON
-    assert again.central.history == [(2.0, 0.25, 3)] and again.exhausted == {"c1"}
+    assert again.central.ledger.history == [(2.0, 0.25, 3)] and again.exhausted == {"c1"}
 
 
 def test_fedsb_with_client_dp_and_secure_aggregation_end_to_end(tmp_path):
@@ -465,7 +466,7 @@ def test_secure_aggregation_reproduces_the_plain_run_of_every_summing_strategy(t
     models, rows = {}, {}
     for masked in (False, True):
         cfg = load_config(None, [*TINY, *SUMMING[strategy], f"privacy.secure_aggregation={str(masked).lower()}"])
-        compat.check(cfg)
+        setup.check(cfg)
         out = tmp_path / str(masked)
         simulate(cfg, out)
         models[masked] = load_file(str(out / "model.safetensors"))
@@ -489,7 +490,7 @@ def test_secure_aggregation_with_silent_unavailable_clients_is_refused():
     cfg = load_config(None, [*TINY, *SUMMING["fedau"], 'availability.absent="silent"',
                              "privacy.secure_aggregation=true"])
     with pytest.raises(ConfigError, match="offline"):
-        compat.check(cfg)
+        setup.check(cfg)
 
 
 @pytest.mark.parametrize("strategy", ["ferret", "frl"])
@@ -502,7 +503,7 @@ def test_client_dp_trains_ferret_and_frl_within_the_budget(tmp_path, strategy):
 
     cfg = load_config(None, [*TINY, *SUMMING[strategy], "rounds=3", 'privacy.dp="client"', "privacy.epsilon=3",
                              "privacy.secure_aggregation=true"])
-    compat.check(cfg)
+    setup.check(cfg)
     simulate(cfg, tmp_path / "dp")
     rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 3 and not r["rejected"] for r in rows)

@@ -18,18 +18,18 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from deploy import Deployment, lora_run_toml, tiny_text_file
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from sqlalchemy import create_engine, text
 
-from deploy import Deployment, lora_run_toml, tiny_text_file
-from fedadapt.client.credentials import load_credentials, metadata
 from fedadapt.client.state import ClientState
 from fedadapt.core import codec
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.privacy.ledger import Ledger
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.auth import load_credentials, metadata
 from fedadapt.server import certs
 from fedadapt.server.hub import ClientHub
 from fedadapt.server.runs import RunManager
@@ -268,7 +268,8 @@ def test_a_daemon_cap_spans_its_runs_calibrates_to_what_is_left_and_then_refuses
 
     from fedadapt.client.workload import _private_recipe
     from fedadapt.core.config import load_config_text
-    from fedadapt.strategies.base import RunSettings, Task, build
+    from fedadapt.strategies.base import RunSettings, Task
+    from fedadapt.strategies.registry import build
 
     spent = Ledger(8.0, 1e-5, "rdp", [(1.0, 0.5, 4)]).spent  # what an earlier run took
     state = ClientState(tmp_path, max_epsilon=spent + 0.5)
@@ -294,7 +295,7 @@ def test_a_daemon_cap_spans_its_runs_calibrates_to_what_is_left_and_then_refuses
 
 def test_a_run_the_daemon_cannot_serve_is_refused_and_the_daemon_stays_up():
     from fedadapt.client.agent import ClientAgent
-    from fedadapt.client.credentials import Credentials
+    from fedadapt.proto.auth import Credentials
 
     built = []
 
@@ -314,8 +315,9 @@ def test_a_resent_task_is_answered_from_the_kept_result_only_when_it_is_the_same
     """After a coordinator restart a round may be set up again with other participants (other secure-aggregation
     peers): the daemon must then train and mask anew, not resend an upload masked for the old setup."""
     from fedadapt.client.agent import ClientAgent
-    from fedadapt.client.credentials import Credentials
     from fedadapt.client.workload import Workload
+    from fedadapt.proto.auth import Credentials
+    from fedadapt.runtime.executor import Executor
     from fedadapt.strategies.base import ClientResult
 
     trained = []
@@ -328,7 +330,7 @@ def test_a_resent_task_is_answered_from_the_kept_result_only_when_it_is_the_same
             trained.append(task.config)
             return ClientResult("", 1, {"w": torch.zeros(1)}, {})
 
-    agent = ClientAgent("127.0.0.1:1", Credentials("a", "t"), lambda spec: Workload(None, Recipe(), [0]),
+    agent = ClientAgent("127.0.0.1:1", Credentials("a", "t"), lambda spec: Workload(Executor(None, Recipe()), [0]),
                         log=lambda msg: None)
 
     def header(config):

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from deploy import Deployment, lora_run_toml, tiny_text_file
 from safetensors.torch import load_file
 
-from deploy import Deployment, lora_run_toml, tiny_text_file
 from fedadapt.server.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from deploy import tiny_text_file  # tests/deploy.py
 from safetensors.torch import load_file
 
 from fedadapt.cli import main
@@ -15,20 +16,8 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
-def tiny_text_file(path, n_groups=6, per_group=12):
-    # two labels that differ in vocabulary, so even a tiny model can learn something
-    words = {0: ["apple", "pear", "plum"], 1: ["storm", "sword", "blood"]}
-    with path.open("w") as f:
-        for g in range(n_groups):
-            for i in range(per_group):
-                label = (g + i) % 2
-                text = " ".join(words[label][(i + k) % 3] for k in range(4))
-                f.write(json.dumps({"text": text, "label": ["sweet", "grim"][label], "who": f"role{g}"}) + "\n")
-    return path
-
-
 def test_tiny_llama_lora_on_user_file_end_to_end(tmp_path):
-    data = tiny_text_file(tmp_path / "lines.jsonl")
+    data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=6)
     out = tmp_path / "run"
     rc = run_cli("simulate", "simulations/quickstart.toml", "--out", out,
                  "--set", "model.source=tiny-llama", "--set", f"data.dataset={data}", "--set", "data.group_field=who",

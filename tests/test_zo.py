@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from own_models import OwnModels  # tests/own_models.py
 
 from fedadapt.core import codec
 from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.core.rng import normal
-from fedadapt.server.engine import ResultMessage, RoundEngine
-from fedadapt.simulation.scenario import build_scenario
-from fedadapt.strategies.base import ClientInfo, ClientResult, ModelSpec, RunSettings, Task, build
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import ResultMessage, RoundEngine
+from fedadapt.strategies.base import ClientInfo, ClientResult, ModelSpec, RunSettings, Task
 from fedadapt.strategies.lowrank import content_hash, hash_metric
+from fedadapt.strategies.registry import build
 from fedadapt.strategies.seeded import pool_seeds
 from fedadapt.strategies.zo import (
     ACC,
@@ -215,30 +217,10 @@ def tiny_cfg(rounds=4, per_round=1, extra=()):
                               "train.batch_size=8", "train.lr=0.01", "seed=5", *extra])
 
 
-class OwnModels:
-    """In-process clients that each keep their OWN model, as daemons do: late joiners must rebuild."""
-
-    def __init__(self, model, recipe, data):
-        self.models = {cid: copy.deepcopy(model) for cid in data}
-        self.recipe, self.data = recipe, data
-
-    def clients(self):
-        return [ClientInfo(cid, len(d)) for cid, d in self.data.items()]
-
-    def run(self, tasks, *, timeout):
-        out = []
-        for msg in tasks:
-            task = Task(msg.kind, msg.round, msg.config, codec.decode(msg.payload))
-            self.recipe.prepare(self.models[msg.client_id], task)
-            r = self.recipe.train(self.models[msg.client_id], self.data[msg.client_id], task)
-            out.append(ResultMessage(msg.client_id, msg.round, r.num_examples, r.metrics, codec.encode(r.tensors)))
-        return out
-
-
 @pytest.mark.parametrize("pro", [False, True])
 def test_late_joiners_rebuild_theta_hash_equal_to_the_servers(pro):
     cfg = tiny_cfg(rounds=5, extra=[f'strategy={{name="zo", seeds=32, steps=6, eps=0.01, pro={str(pro).lower()}}}'])
-    sc = build_scenario(cfg)
+    sc = setup.load(cfg)
     initial = copy.deepcopy(sc.loaded.model)
     strat, recipe = build(cfg.strategy, RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round,
                                                     dataclasses.asdict(cfg.train)))

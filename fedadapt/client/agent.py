@@ -21,15 +21,16 @@ from typing import Any
 
 import grpc
 
-from fedadapt.client.credentials import Credentials, channel_credentials
-from fedadapt.client.credentials import metadata as auth_metadata
 from fedadapt.client.workload import Workload
 from fedadapt.core import codec
-from fedadapt.core.errors import AuthError, ConfigError, DataError, ModelError, PayloadError
+from fedadapt.core.errors import AuthError, FedadaptError, PayloadError
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.auth import Credentials, channel_credentials
+from fedadapt.proto.auth import metadata as auth_metadata
 from fedadapt.proto.chunks import Reassembler, describe, framed, pull_task, push_result
-from fedadapt.strategies.base import Task
+from fedadapt.runtime.engine import TaskMessage
+from fedadapt.runtime.executor import REFUSED, refusal
 
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
@@ -141,27 +142,24 @@ class ClientAgent:
             self._workload = None  # release the previous run's model first
             try:
                 self._workload = (header.run_id, self.make_workload(json.loads(header.run_spec_json)))
-            except (ConfigError, DataError, ModelError) as exc:  # this run, not the daemon: refuse, stay up
+            except FedadaptError as exc:  # this run, not the daemon: refuse its tasks, stay up
                 self._workload = (header.run_id, exc)
         w = self._workload[1]
+        msg = TaskMessage(self.creds.name, header.round, header.kind, json.loads(header.config_json), payload)
         if isinstance(w, Exception):
             self.log(f"round {header.round}: refused run {header.run_id}: {w}")
-            return Upload(header.run_id, header.round, header.kind, header.config_json, 0, {"refused": str(w)},
-                          codec.encode({}))
-        self.log(f"round {header.round}: {header.kind} task received")
-        task = Task(header.kind, header.round, json.loads(header.config_json),
-                    codec.decode(payload, max_bytes=self.max_payload_bytes))
-        start = time.perf_counter()
-        with self.train_lock:
-            w.recipe.prepare(w.model, task)
-            if task.kind == "evaluate":
-                metrics, n, out = w.recipe.evaluate(w.model, w.data, task), len(w.data), b""
-            else:
-                result = w.recipe.train(w.model, w.data, task)
-                metrics, n, out = result.metrics, result.num_examples, codec.encode(result.tensors)
-        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-        self.log(f"round {header.round}: {task.kind} on {n} examples{loss} in {time.perf_counter() - start:.1f}s")
-        return Upload(header.run_id, header.round, header.kind, header.config_json, n, metrics, out)
+            reply = refusal(msg, 0, str(w))
+        else:
+            self.log(f"round {header.round}: {header.kind} task received")
+            start = time.perf_counter()
+            with self.train_lock:
+                reply = w.executor.run(msg, w.data)
+            why = reply.metrics.get(REFUSED)
+            done = f"refused: {why}" if why else f"{header.kind} on {reply.num_examples} examples" + (
+                f", loss {reply.metrics['loss']:.4f}" if "loss" in reply.metrics else "")
+            self.log(f"round {header.round}: {done} in {time.perf_counter() - start:.1f}s")
+        return Upload(header.run_id, header.round, header.kind, header.config_json, reply.num_examples,
+                      reply.metrics, reply.payload)
 
     def _push(self, channel: grpc.Channel, session: str, up: Upload) -> None:
         header = pb.ResultHeader(session=session, run_id=up.run_id, round=up.round, num_examples=up.num_examples,

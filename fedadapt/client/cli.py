@@ -41,9 +41,9 @@ def dispatch(args: argparse.Namespace) -> int:
     import torch
 
     from fedadapt.client.agent import ClientAgent
-    from fedadapt.client.credentials import load_credentials
     from fedadapt.client.workload import build_workload
     from fedadapt.core.memory import reuse_freed_memory
+    from fedadapt.proto.auth import load_credentials
 
     reuse_freed_memory()
     if args.data is not None and not args.data.is_file():

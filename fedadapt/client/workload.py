@@ -1,9 +1,10 @@
 """What a client daemon trains on for a run: the run's model (built locally) and this machine's data.
 
-The coordinator sends a run spec with each task: the run's config plus the label names and input width
-its model was built with. The client builds the same model from it (base weights are pretrained or
-seeded, so they match without being sent) and pairs it with either its own data file or, for demos and
-tests, its share (`--partition ID`) of the run's bundled dataset.
+The coordinator sends a run spec with each task (runtime/setup.py's `run_spec`): the run's config plus the
+label names and input width its model was built with. The client builds the same model from it (base
+weights are pretrained or seeded, so they match without being sent), wraps it in the executor every party
+runs tasks with, and pairs it with either its own data file or, for demos and tests, its share
+(`--partition ID`) of the run's bundled dataset.
 """
 
 from __future__ import annotations
@@ -21,20 +22,16 @@ from fedadapt.data import load_file
 from fedadapt.data.tasks import client_partitions, load_task
 from fedadapt.models.build import build_model
 from fedadapt.models.classifier import Features
-from fedadapt.strategies.base import ClientRecipe, recipe_for
+from fedadapt.runtime.executor import Executor
+from fedadapt.strategies.base import ClientRecipe
 from fedadapt.strategies.private import PrivateRecipe
+from fedadapt.strategies.registry import recipe_for
 
 
 @dataclass
 class Workload:
-    model: torch.nn.Module
-    recipe: ClientRecipe
+    executor: Executor  # the run's model and this client's recipe
     data: Features
-
-
-def run_spec(cfg: RunConfig, label_names: list[str], width: int) -> dict[str, Any]:
-    """What the coordinator tells clients about a run (JSON-ready)."""
-    return {"config": cfg.to_dict(), "label_names": list(label_names), "input_dim": width}
 
 
 def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_file: Path | None = None,
@@ -67,7 +64,7 @@ def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_f
         raise DataError("a client needs --data FILE or --partition ID")
     if len(data) == 0:
         raise DataError("this client has no training examples")
-    return Workload(loaded.model, recipe, data)
+    return Workload(Executor(loaded.model, recipe), data)
 
 
 def _private_recipe(recipe: ClientRecipe, cfg: RunConfig, run_id: str, state: ClientState | None) -> ClientRecipe:

@@ -178,8 +178,3 @@ def _finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def payload_size(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes `encode(tensors)` produces, for accounting without keeping the bytes."""
-    return len(encode(tensors))

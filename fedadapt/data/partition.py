@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -19,23 +20,18 @@ from fedadapt.data.base import Dataset, default_cache_dir
 SCHEMES = ("iid", "dirichlet", "natural")
 
 
-def partition(
-    train: Dataset,
-    *,
-    scheme: str,
-    num_clients: int | None = None,
-    alpha: float = 0.5,
-    seed: int = 0,
-    min_examples: int = 1,
-    cache_dir: str | Path | None = None,
-) -> dict[str, list[int]]:
-    """`compute_partition`, remembered on disk (`<cache>/partitions/`).
+def partition(train: Dataset, *, cache_dir: str | Path | None = None, **args: Any) -> dict[str, list[int]]:
+    """`compute_partition(train, **args)`, remembered on disk (`<cache>/partitions/`).
 
     A partition is a pure function of the labels, groups and arguments, and importing
     flwr-datasets (it brings `datasets` and pyarrow) costs seconds and ~200 MB: a
     repeated simulation reads the stored result instead. The key includes the
     flwr-datasets version, so an upgrade recomputes.
     """
+    bound = inspect.signature(compute_partition).bind(train, **args)  # a bad argument fails here, as it would there
+    bound.apply_defaults()
+    scheme, num_clients, alpha, seed, min_examples = (bound.arguments[k] for k in (
+        "scheme", "num_clients", "alpha", "seed", "min_examples"))
     key = hashlib.sha256(json.dumps([
         scheme, num_clients, alpha, seed, min_examples, version("flwr-datasets"),
         hashlib.sha256(train.labels.numpy().tobytes()).hexdigest(),
@@ -46,8 +42,7 @@ def partition(
         return json.loads(path.read_text())
     except (OSError, ValueError):
         pass  # absent, truncated or foreign: compute it (again)
-    clients = compute_partition(train, scheme=scheme, num_clients=num_clients, alpha=alpha, seed=seed,
-                                min_examples=min_examples)
+    clients = compute_partition(train, **args)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -1,8 +1,8 @@
 """A fedadapt scenario (the TOML `fedadapt simulate` runs) as a Flower ServerApp + ClientApp pair.
 
-Both sides build the scenario from the same config exactly as the simulator does (`build_scenario`,
-`strategies.base.build`), so a Flower run and `fedadapt simulate` of one file start from the same model,
-partitions and seeds. Node `partition-id` k is the k-th client id in sorted order; the simulation
+Both sides build the run from the same config exactly as the simulator does (runtime/setup.py), so a
+Flower run and `fedadapt simulate` of one file start from the same model, partitions and seeds, and each
+node runs its tasks through the same executor. Node `partition-id` k is the k-th client id in sorted order; the simulation
 runtime must have as many SuperNodes as the scenario has clients.
 
 Run config keys (`[tool.flwr.app.config]` or `flwr run ... -c`), each optional when a default is given:
@@ -25,16 +25,18 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
-from fedadapt.core.config import RunConfig, load_config
+from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError
-from fedadapt.simulation.scenario import Scenario, build_scenario
-from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build, recipe_for
+from fedadapt.runtime import setup
+from fedadapt.strategies.base import GlobalState
 
 from .client import Participant, client_app
 from .strategy import FedadaptStrategy, global_arrays
 
-_scenarios: dict[tuple, tuple[RunConfig, Scenario]] = {}  # per process: one scenario, one model, as in the simulator
-_recipes: dict[str, Any] = {}
+# Per process: one run (one model, one recipe, one executor), as in the simulator. Module level on purpose:
+# Flower ships the ClientApp to its Ray actor pickled, and a closure's globals travel by value, so a cache
+# referenced from `load` itself would start empty for every message.
+_runs: dict[tuple, setup.Run] = {}
 
 
 def _config_key(rc: dict, scenario: str | None, overrides: list[str]) -> tuple[str, tuple[str, ...]]:
@@ -45,47 +47,28 @@ def _config_key(rc: dict, scenario: str | None, overrides: list[str]) -> tuple[s
     return path, (*overrides, *extra)
 
 
-def load_scenario(run_config: dict, scenario: str | None = None, overrides: list[str] = ()
-                  ) -> tuple[RunConfig, Scenario]:
-    """The scenario named by `run_config` (else by the defaults), built once per process."""
+def load_run(run_config: dict, scenario: str | None = None, overrides: list[str] = ()) -> setup.Run:
+    """The run named by `run_config` (else by the defaults), built once per process."""
     key = _config_key(run_config, scenario, list(overrides))
-    if key not in _scenarios:
+    if key not in _runs:
         cfg = load_config(key[0], list(key[1]))
-        _supported(cfg)
-        _scenarios[key] = (cfg, build_scenario(cfg))
-    return _scenarios[key]
-
-
-def _supported(cfg: RunConfig) -> None:
-    """What the simulator adds around the engine and this adapter does not (yet): refuse, don't ignore."""
-    if cfg.attack.kind != "none" or cfg.availability.pattern != "always":
-        raise ConfigError("attack and availability simulation are fedadapt-simulator features; not through Flower")
-    privacy = getattr(cfg, "privacy", None)
-    if privacy is not None and (getattr(privacy, "dp", "none") != "none" or getattr(privacy, "secure_aggregation", False)):
-        raise ConfigError("privacy (DP, secure aggregation) is not supported through Flower yet")
-
-
-def settings_of(cfg: RunConfig, num_clients: int) -> RunSettings:
-    return RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round, dataclasses.asdict(cfg.train), num_clients)
-
-
-def _recipe(name: str) -> Any:
-    """One recipe per process, like the simulator's: FLoRA's keeps the merged base of the (shared) model.
-    Module level on purpose: Flower ships the ClientApp to its Ray actor pickled, and a closure's globals
-    travel by value, so a cache referenced from `load` itself would start empty for every message."""
-    if name not in _recipes:
-        _recipes[name] = recipe_for(name)
-    return _recipes[name]
+        setup.check(cfg, "flower")  # attack, availability and privacy: refused, not ignored
+        run = setup.load(cfg)
+        # FedAU's "known" oracle, as the simulator sets it (every client always available)
+        run.strategy.known_probabilities = {cid: min(cfg.clients_per_round, len(run.clients)) / len(run.clients)
+                                            for cid in run.clients}
+        _runs[key] = run
+    return _runs[key]
 
 
 def make_client_app(scenario: str | None = None, overrides: list[str] = ()) -> ClientApp:
     def load(context: Context) -> Participant:
-        cfg, sc = load_scenario(context.run_config, scenario, overrides)
-        ids = sorted(sc.clients)
+        run = load_run(context.run_config, scenario, overrides)
+        ids = sorted(run.clients)
         pid = int(context.node_config.get("partition-id", -1))
         if not 0 <= pid < len(ids):
             raise ConfigError(f"node partition-id {pid} outside the scenario's {len(ids)} clients")
-        return Participant(ids[pid], sc.loaded.model, _recipe(cfg.strategy["name"]), sc.clients[ids[pid]])
+        return Participant(ids[pid], run.executor, run.clients[ids[pid]])
 
     return client_app(load)
 
@@ -104,19 +87,8 @@ def make_server_app(scenario: str | None = None, overrides: list[str] = (), **de
 def run(grid: Grid, rc: dict, scenario: str | None = None, overrides: list[str] = ()) -> GlobalState:
     """The ServerApp's body: the scenario's strategy for its rounds on the nodes `grid` reaches."""
     t0 = time.perf_counter()
-    cfg, sc = load_scenario(rc, scenario, overrides)
-    model = sc.loaded.model
-    spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    strategy, recipe = build(cfg.strategy, settings_of(cfg, len(sc.clients)))
-    if hasattr(strategy, "known_probabilities"):  # FedAU's oracle, as the simulator sets it (always available)
-        strategy.known_probabilities = {cid: min(cfg.clients_per_round, len(sc.clients)) / len(sc.clients)
-                                        for cid in sc.clients}
-
-    def evaluate_on(data, state: GlobalState) -> dict[str, float]:
-        task = Task("evaluate", state.round, {"batch_size": cfg.eval.batch_size}, state.tensors)
-        recipe.prepare(model, task)
-        return recipe.evaluate(model, data, task)
-
+    r = load_run(rc, scenario, overrides)
+    cfg = r.cfg
     out = Path(str(rc["out-dir"])) if rc.get("out-dir") else None
     rows = []
 
@@ -129,9 +101,9 @@ def run(grid: Grid, rc: dict, scenario: str | None = None, overrides: list[str] 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
-    fs = FedadaptStrategy(strategy, spec, num_rounds=cfg.rounds, min_nodes=len(sc.clients),
+    fs = FedadaptStrategy(r.strategy, r.spec, num_rounds=cfg.rounds, min_nodes=len(r.clients),
                           min_results=cfg.coordinator.min_results,
-                          evaluate=lambda s: evaluate_on(sc.eval_subset, s), eval_every=cfg.eval.every,
+                          evaluate=lambda s: r.evaluate(r.eval_subset, s), eval_every=cfg.eval.every,
                           fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)),
                           eval_batch_size=cfg.eval.batch_size, seed=cfg.seed, on_round=on_round)
     train_start = time.perf_counter()
@@ -140,10 +112,9 @@ def run(grid: Grid, rc: dict, scenario: str | None = None, overrides: list[str] 
     state = fs.state
     if out is not None:
         save_file({k: v.contiguous() for k, v in state.tensors.items()}, str(out / "model.safetensors"))
-        final = evaluate_on(sc.test, state)
-        summary = {"rounds": cfg.rounds, "clients": len(sc.clients), "accuracy": final["accuracy"],
-                   "loss": final["loss"], "test_examples": len(sc.test),
+        final = r.evaluate(r.test, state)
+        summary = {"rounds": cfg.rounds, "clients": len(r.clients), "accuracy": final["accuracy"],
+                   "loss": final["loss"], "test_examples": len(r.test),
                    "train_seconds": time.perf_counter() - train_start, "total_seconds": time.perf_counter() - t0}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return state
-

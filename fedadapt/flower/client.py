@@ -1,8 +1,9 @@
-"""A fedadapt client (model, data, ClientRecipe) as a Flower 1.42 `ClientApp`.
+"""A fedadapt client (its executor and data) as a Flower 1.42 `ClientApp`.
 
-Training runs through the simulator's own `InProcessTransport` for this one client: decode the task,
-`recipe.prepare`, `recipe.train`, encode the upload. So a Flower node computes exactly what a virtual
-client of `fedadapt simulate` computes from the same task, down to the bits.
+Train and evaluate messages run through the executor every fedadapt client uses (runtime/executor.py):
+decode the task, `recipe.prepare`, `recipe.train` or `recipe.evaluate`, check and encode the result. So a
+Flower node computes exactly what a virtual client of `fedadapt simulate` or a client daemon computes from
+the same task, down to the bits, and answers a task it cannot run the same way.
 """
 
 from __future__ import annotations
@@ -14,22 +15,18 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedadapt.core import codec
-from fedadapt.server.engine import ResultMessage
-from fedadapt.simulation.transport import InProcessTransport
-from fedadapt.strategies.base import ClientRecipe, Task
+from fedadapt.runtime.executor import Executor
 
 from . import wire
 
 
 @dataclass
 class Participant:
-    """Who a node is: its fedadapt client id, the model it trains (may be shared by every node in a
-    process, as the simulator's virtual clients share one), the strategy's recipe and its data."""
+    """Who a node is: its fedadapt client id, the executor it runs tasks with (its model and recipe; may be
+    shared by every node in a process, as the simulator's virtual clients share one) and its data."""
 
     client_id: str
-    model: Any
-    recipe: ClientRecipe
+    executor: Executor
     data: Any
     capabilities: dict[str, Any] = field(default_factory=dict)
 
@@ -44,22 +41,18 @@ def client_app(load: Callable[[Context], Participant]) -> ClientApp:
         p = load(context)
         return wire.reply(wire.query_content(p.client_id, len(p.data), p.capabilities), msg)
 
+    def run(msg: Message, context: Context) -> Message:
+        p = load(context)
+        task = wire.task_of(msg.content)  # its kind says train or evaluate
+        task.client_id = p.client_id  # who the node is, not what the message claims
+        return wire.reply(wire.result_content(p.executor.run(task, p.data)), msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        p = load(context)
-        task = wire.task_of(msg.content)
-        (result,) = InProcessTransport(p.model, p.recipe, {task.client_id: p.data}).run([task], timeout=None)
-        result.client_id = p.client_id
-        return wire.reply(wire.result_content(result), msg)
+        return run(msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        p = load(context)
-        t = wire.task_of(msg.content)
-        task = Task("evaluate", t.round, t.config, codec.decode(t.payload))
-        p.recipe.prepare(p.model, task)
-        metrics = p.recipe.evaluate(p.model, p.data, task)
-        result = ResultMessage(p.client_id, t.round, len(p.data), metrics, b"")
-        return wire.reply(wire.result_content(result), msg)
+        return run(msg, context)
 
     return app

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .app import load_scenario, make_client_app, make_server_app
+from .app import load_run, make_client_app, make_server_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.simulation import run_simulation  # after the environment: Flower reads it on import
 
     scenario = str(Path(args.scenario).resolve())
-    _, sc = load_scenario({}, scenario, args.set)  # cached: the ServerApp, run in this process, reuses it
+    run = load_run({}, scenario, args.set)  # cached: the ServerApp, run in this process, reuses it
     defaults = {"fraction-evaluate": args.fraction_evaluate}
     if args.out:
         defaults["out-dir"] = str(args.out.resolve())
     run_simulation(server_app=make_server_app(scenario, args.set, **defaults),
-                   client_app=make_client_app(scenario, args.set), num_supernodes=len(sc.clients),
+                   client_app=make_client_app(scenario, args.set), num_supernodes=len(run.clients),
                    backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}})
     if args.out and not (args.out / "model.safetensors").is_file():
         print("Flower run ended without a final model (see the log above)", file=sys.stderr)

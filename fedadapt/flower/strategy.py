@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedadapt.core import codec
 from fedadapt.core.errors import PayloadError
 from fedadapt.core.rng import derive_seed
-from fedadapt.server.engine import ResultMessage, RoundEngine, RoundRecord, TaskMessage
+from fedadapt.runtime.engine import ResultMessage, RoundEngine, RoundRecord, TaskMessage
 from fedadapt.strategies.base import ClientInfo, GlobalState, ModelSpec, ServerStrategy, sample_clients
 
 from . import wire
@@ -172,7 +172,7 @@ class FedadaptStrategy(Strategy):
     def summary(self) -> None:
         s = self.engine.strategy
         log(INFO, "\t├── fedadapt strategy %r, %d rounds, waits for %d nodes", s.name, self.num_rounds, self.min_nodes)
-        log(INFO, "\t└── options %s", getattr(s, "options", None))
+        log(INFO, "\t└── options %s", s.options)
 
 
 def global_arrays(state: GlobalState) -> ArrayRecord:

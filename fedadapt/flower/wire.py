@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedadapt.core.errors import PayloadError
-from fedadapt.server.engine import ResultMessage, TaskMessage
+from fedadapt.runtime.engine import ResultMessage, TaskMessage
 
 ARRAYS = "arrays"  # the ArrayRecord holding the payload (Flower's conventional key)
 PAYLOAD = "fedadapt.safetensors"  # the one Array in it

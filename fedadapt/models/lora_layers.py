@@ -14,7 +14,9 @@ from fedadapt.core.errors import ModelError
 
 from .adapters import adapter_state
 
-_PEFT_FACTOR = re.compile(r"^(.+)\.lora_([AB])\.[^.]+\.weight$")
+# A peft LoRA factor's parameter name: <module>.lora_A|B.<adapter>.weight. A and B are told apart by name, never
+# by comparing a dimension with the rank (ambiguous when a layer dimension equals the rank: ALGORITHMS.md §3.5).
+LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.[^.]+\.weight$")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -71,8 +73,8 @@ def factor_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable state with LoRA factors named `<module>.lora_A/B` (whatever the peft adapter's name)."""
     out = {}
     for name, t in adapter_state(model).items():
-        m = _PEFT_FACTOR.match(name)
-        out[f"{m[1]}.lora_{m[2]}" if m else name] = t
+        m = LORA_FACTOR.match(name)
+        out[f"{m['module']}.lora_{m['factor']}" if m else name] = t
     return out
 
 

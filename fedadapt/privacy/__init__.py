@@ -1,6 +1,7 @@
-"""Privacy: client DP-SGD (opacus) with a per-client accountant and budget, central DP on the server,
-secure aggregation with pairwise masks, and the config-time compatibility check.
+"""Privacy, one module each: client_dp (DP-SGD with opacus, a client's ledger and budget), central_dp (the
+server clips, noises and accounts each round), secagg (pairwise masks), ledger (opacus' accountants), and
+compat (which modes a strategy declares it supports, checked at config time).
 
 Everything here is strategy-agnostic: strategies/private.py wraps a strategy and its recipe with these
-pieces. Imports only core, models, torch, opacus and cryptography (DESIGN.md's import direction).
+pieces. Imports only core, models, torch, opacus and cryptography (the layers of docs/ARCHITECTURE.md).
 """

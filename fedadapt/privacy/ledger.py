@@ -13,6 +13,8 @@ from functools import lru_cache
 
 from fedadapt.core.errors import ConfigError
 
+BUDGET_SLACK = 1e-9  # relative: calibrated noise lands on the budget up to float rounding
+
 
 def accountant(kind: str, history: list[tuple[float, float, int]]):
     """An opacus accountant of `kind` ("rdp" or "prv") holding `history`."""

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedadapt.core.errors import PayloadError
+from fedadapt.core.rng import derive_seed
 
 Tensors = dict[str, torch.Tensor]
 MASKED = torch.int64  # the dtype of every masked tensor on the wire
@@ -44,6 +45,26 @@ def new_key(seed: bytes | None = None) -> X25519PrivateKey:
 
 def public_hex(key: X25519PrivateKey) -> str:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+class Keys:
+    """The keys a recipe masks with: a client daemon's own persistent key (client/state.py), or in a simulation
+    one per virtual client, derived from the run seed so that runs are reproducible."""
+
+    def __init__(self, key: X25519PrivateKey | None = None, seed: int | None = None):
+        self.key, self.seed = key, seed
+        self._derived: dict[str, X25519PrivateKey] = {}
+
+    def of(self, client: str) -> X25519PrivateKey:
+        if self.key is not None:
+            return self.key
+        if client not in self._derived:
+            raw = None if self.seed is None else derive_seed(self.seed, "secagg-key", client).to_bytes(8, "little") * 4
+            self._derived[client] = new_key(raw)
+        return self._derived[client]
+
+    def public(self, client: str) -> str:
+        return public_hex(self.of(client))
 
 
 def parse_public(text: object) -> X25519PublicKey:

@@ -102,10 +102,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- server
 def _server_start(args) -> int:
+    from fedadapt.core.memory import reuse_freed_memory
     from fedadapt.server import certs
     from fedadapt.server.hub import ClientHub
     from fedadapt.server.runs import RunManager
-    from fedadapt.core.memory import reuse_freed_memory
     from fedadapt.server.service import CachedAuth, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -253,7 +253,7 @@ def _run(args) -> int:
 def _control_channel(args):
     import grpc
 
-    from fedadapt.client.credentials import channel_credentials, load_credentials, metadata
+    from fedadapt.proto.auth import channel_credentials, load_credentials, metadata
 
     creds = load_credentials(args.credentials) if args.credentials else None
     md = metadata(creds) if creds else ()

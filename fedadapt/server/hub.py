@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedadapt.server.engine import ResultMessage, TaskMessage
+from fedadapt.runtime.engine import ResultMessage, TaskMessage
 from fedadapt.strategies.base import ClientInfo
 
 ACCEPTED, DUPLICATE, LATE, REJECTED = "accepted", "duplicate", "late", "rejected"

@@ -14,20 +14,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
-from fedadapt.client.workload import run_spec
 from fedadapt.core import codec
 from fedadapt.core.config import RunConfig, load_config_text
-from fedadapt.core.errors import ConfigError, FedadaptError
-from fedadapt.core.rng import derive_seed
-from fedadapt.data.tasks import input_dim, load_task
-from fedadapt.models.build import build_model
-from fedadapt.privacy import compat as privacy_compat
+from fedadapt.core.errors import FedadaptError
 from fedadapt.proto import fedadapt_pb2 as pb
-from fedadapt.server.engine import RoundEngine, RoundRecord
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import RoundEngine, RoundRecord
 from fedadapt.server.hub import ClientHub
 from fedadapt.server.store import LedgerEntry, Participation, RunRow, Store, StoreError
 from fedadapt.strategies import private
-from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
+from fedadapt.strategies.base import GlobalState
 
 log = logging.getLogger("fedadapt.server")
 TERMINAL = ("stopped", "finished", "failed")
@@ -51,8 +47,7 @@ class RunManager:
     # ------------------------------------------------------------------ Control API
     def submit(self, config_toml: str) -> pb.RunInfo:
         cfg = load_config_text(config_toml, source="submitted config")
-        _check_deployable(cfg)
-        build(cfg.strategy, _settings(cfg))  # strategy options are checked now, not when the run starts
+        setup.check(cfg, "coordinator")  # strategy options and [privacy] now, not when the run starts
         run_id = self.store.create_run(cfg.name, config_toml, cfg.rounds)
         log.info("run %s (%s) queued", run_id, cfg.name)
         self._notify()
@@ -140,7 +135,7 @@ class RunManager:
         self._notify()
         try:
             cfg = load_config_text(row.config_toml, source=f"run {run_id}")
-            _check_deployable(cfg)  # a run queued before this check existed fails rather than runs unattacked
+            setup.check(cfg, "coordinator")  # a run queued before a check existed fails rather than runs
             self._rounds(run_id, cfg)
         except RunStopped:
             log.info("run %s stopped", run_id)
@@ -162,35 +157,22 @@ class RunManager:
         log.info("run %s finished", run_id)
 
     def _rounds(self, run_id: str, cfg: RunConfig) -> None:
-        task = load_task(cfg)  # the coordinator needs the label set and input width (and evaluates on test)
-        width = input_dim(task)
-        loaded = build_model(cfg, task.train.num_classes, width)
-        model = loaded.model
-        spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         # N for strategies that divide by all clients (FedAU): the clients registered when the run starts;
-        # a resumed run keeps the N it started with (strategies persist it in their state)
+        # a resumed run keeps the N it started with (strategies persist it in their state). The run id names
+        # the run in secure-aggregation masks and in each client daemon's privacy ledger (client/state.py).
         registered = sum(c.revoked_at is None for c in self.store.list_clients())
-        strategy, recipe = build(cfg.strategy, _settings(cfg, registered))
-        strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, run_id)  # [privacy]
-        eval_set = loaded.featurize(task.test.features, task.test.labels).sample(
-            cfg.eval.max_examples, derive_seed(cfg.seed, "eval"))
-
-        def evaluate(state: GlobalState) -> dict[str, float]:
-            t = Task("evaluate", state.round, {"batch_size": cfg.eval.batch_size}, state.tensors)
-            recipe.prepare(model, t)
-            return recipe.evaluate(model, eval_set, t)
-
-        c = cfg.coordinator
-        engine = RoundEngine(strategy, self.hub, spec, min_results=c.min_results,
+        run = setup.load(cfg, partitions=False, num_clients=registered, salt=run_id)  # the label set, input
+        # width and model the clients build too; the server evaluates on the held-out set
+        strategy, c = run.strategy, cfg.coordinator
+        engine = RoundEngine(strategy, self.hub, run.spec, min_results=c.min_results,
                              round_timeout=c.round_timeout or None, max_payload_bytes=self.max_payload_bytes,
-                             evaluate=evaluate, eval_every=cfg.eval.every)
+                             evaluate=lambda s: run.evaluate(run.eval_subset, s), eval_every=cfg.eval.every)
         commit = self.store.last_commit(run_id)
         if commit is not None:
             engine.state = GlobalState(commit.tensors, commit.aux, commit.round)
             strategy.load_state_dict(commit.strategy_state)
             log.info("run %s resumes after committed round %d", run_id, commit.round)
-        # the run id names the run's entry in each client daemon's privacy ledger (client/state.py)
-        self.hub.begin_run(run_id, json.dumps({**run_spec(cfg, task.train.label_names, width), "run_id": run_id}))
+        self.hub.begin_run(run_id, json.dumps({**run.spec_for_clients(), "run_id": run_id}))
         need = c.min_clients or c.min_results
         for rnd in range(engine.state.round + 1, cfg.rounds + 1):
             if not self.hub.wait_for_clients(need, c.join_timeout or None):
@@ -242,22 +224,6 @@ class RunManager:
         return pb.RunInfo(run_id=r.run_id, name=r.name, status=r.status, rounds=r.rounds, round=r.round,
                           created=_iso(r.created_at), updated=_iso(r.updated_at), error=r.error or "",
                           model_path=str(path) if path else "")
-
-
-def _check_deployable(cfg: RunConfig) -> None:
-    """Refuse what only the simulator can do: a coordinator has no malicious clients to enable."""
-    if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
-        raise ConfigError(f"[attack] (kind {cfg.attack.kind!r}, fraction {cfg.attack.fraction:g}) is a simulation "
-                          "feature (fedadapt simulate); a coordinator cannot run it: remove the [attack] section")
-    if cfg.availability.pattern != "always":
-        raise ConfigError(f"[availability] (pattern {cfg.availability.pattern!r}) simulates which virtual clients "
-                          "answer (fedadapt simulate); on a coordinator the clients that connect are the ones "
-                          "available: remove the [availability] section")
-    privacy_compat.check(cfg)  # client DP, central DP and secure aggregation all run on a coordinator
-
-
-def _settings(cfg: RunConfig, num_clients: int = 0) -> RunSettings:
-    return RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round, dataclasses.asdict(cfg.train), num_clients)
 
 
 def _iso(t) -> str:

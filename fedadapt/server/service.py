@@ -21,8 +21,9 @@ from fedadapt.core.errors import AuthError, FedadaptError, PayloadError
 from fedadapt.privacy import secagg
 from fedadapt.proto import fedadapt_pb2 as pb
 from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
+from fedadapt.proto.auth import NAME_KEY, TOKEN_KEY
 from fedadapt.proto.chunks import CHUNK_BYTES, Reassembler, add_coordinator, describe, framed
-from fedadapt.server.engine import MAX_EXAMPLES, ResultMessage
+from fedadapt.runtime.engine import MAX_EXAMPLES, ResultMessage
 from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REJECTED, ClientHub, Event
 
 log = logging.getLogger("fedadapt.server")
@@ -54,7 +55,7 @@ class CachedAuth:
 
 def _identity(context: grpc.ServicerContext, authenticate: Authenticate | None, hub: ClientHub | None) -> str:
     md = dict(context.invocation_metadata())
-    name, token = md.get("x-fedadapt-name", ""), md.get("x-fedadapt-token", "")
+    name, token = md.get(NAME_KEY, ""), md.get(TOKEN_KEY, "")
     if authenticate is None:
         return name
     try:
@@ -118,7 +119,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Join(self, request, context):
         name = _identity(context, self.authenticate, self.hub)
         if not name:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x-fedadapt-name metadata is missing")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{NAME_KEY} metadata is missing")
         try:
             caps = _capabilities(request.capabilities_json)
         except PayloadError as exc:

@@ -17,19 +17,20 @@ nothing it can change is a configuration error rather than a silently honest run
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
+from safetensors.torch import save
 
 from fedadapt.core import codec, rng
 from fedadapt.core.config import AttackConfig
-from fedadapt.core.errors import ConfigError, PayloadError
+from fedadapt.core.errors import ConfigError
 from fedadapt.models.classifier import Features
-from fedadapt.server.engine import ResultMessage, TaskMessage, Transport
+from fedadapt.runtime.engine import ResultMessage, TaskMessage, Transport
+from fedadapt.runtime.executor import REFUSED
 from fedadapt.strategies.base import ClientInfo, Tensors
 from fedadapt.strategies.frl import vote
-
-from .transport import client_upload
 
 FLOAT_ATTACKS = ("sign-flip", "scale", "random")
 
@@ -70,6 +71,12 @@ def tamper(kind: str, honest: Tensors, sent: Tensors, scale: float, seed: int) -
     return out
 
 
+def forged_upload(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """What a malicious client sends: plain safetensors, whatever the values (NaN and Inf included: an honest
+    client's executor would refuse to send them, an attacker does; the engine's decode rejects them)."""
+    return save({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
 def reverse_rankings(honest: list[Tensors]) -> Tensors:
     """The colluders' common upload: per layer, the reverse of the vote among their honest rankings."""
     first = honest[0]
@@ -90,13 +97,9 @@ class AttackedTransport:
 
     def run(self, tasks: list[TaskMessage], *, timeout: float | None) -> list[ResultMessage]:
         replies = self.inner.run(tasks, timeout=timeout)
-        honest = {}
-        for r in replies:
-            if r.client_id in self.malicious:
-                try:
-                    honest[r.client_id] = codec.decode(r.payload)
-                except PayloadError:
-                    pass  # its own training failed (NaN/Inf): nothing to attack with; the engine rejects it
+        # a malicious client whose own training sent no update (e.g. it diverged) has nothing to attack with
+        honest = {r.client_id: codec.decode(r.payload) for r in replies
+                  if r.client_id in self.malicious and REFUSED not in r.metrics}
         bad = [r for r in replies if r.client_id in honest]
         if not bad or self.attack.kind not in (*FLOAT_ATTACKS, "reverse-ranking"):
             return replies
@@ -109,7 +112,7 @@ class AttackedTransport:
                                           self.attack.scale, rng.derive_seed(self.seed, "attack", r.round, r.client_id))
                       for r in bad}
         # a forged update that overflows to Inf is sent as it is, and rejected by the engine like any other
-        return [replace(r, payload=client_upload(forged[r.client_id])) if r.client_id in forged else r
+        return [replace(r, payload=forged_upload(forged[r.client_id])) if r.client_id in forged else r
                 for r in replies]
 
 

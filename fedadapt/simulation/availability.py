@@ -22,7 +22,7 @@ import torch
 
 from fedadapt.core.config import AvailabilityConfig
 from fedadapt.core.rng import derive_seed
-from fedadapt.server.engine import ResultMessage, TaskMessage, Transport
+from fedadapt.runtime.engine import ResultMessage, TaskMessage, Transport
 from fedadapt.strategies.base import ClientInfo
 
 

@@ -9,16 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fedadapt.core.config import RunConfig
-from fedadapt.data import partition
-
-from fedadapt.data.tasks import load_task
+from fedadapt.data.tasks import client_partitions, load_task
 
 
 def print_info(cfg: RunConfig) -> None:
     task = load_task(cfg)
     d = cfg.data
-    parts = partition(task.train, scheme=d.partition, num_clients=d.num_clients or None, alpha=d.alpha,
-                      seed=cfg.seed, min_examples=d.min_examples)
+    parts = client_partitions(cfg, task)  # as the simulation will split it
     sizes = [len(v) for v in parts.values()]
     names = task.train.label_names
     table = Table(title=f"{task.name}: {len(parts)} clients ({d.partition})")

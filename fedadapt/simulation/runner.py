@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -21,62 +22,57 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from safetensors.torch import save_file
 
-from fedadapt.client.workload import run_spec
 from fedadapt.core.config import RunConfig
-from fedadapt.data.tasks import input_dim
-from fedadapt.models.adapters import load_adapter_state
-from fedadapt.privacy import compat as privacy_compat
-from fedadapt.server.engine import RoundEngine, RoundRecord
-from fedadapt.strategies import private
-from fedadapt.strategies.base import GlobalState, ModelSpec, RunSettings, Task, build
+from fedadapt.models.classifier import Features
+from fedadapt.runtime import setup
+from fedadapt.runtime.engine import RoundEngine, RoundRecord, Transport
 
 from . import availability
 from .attacks import choose_malicious, poison_data, with_attack
 from .availability import AvailabilityTransport
-from .scenario import build_scenario
 from .transport import InProcessTransport
-from .wire import grpc_transport
+
+# Builds the transport the engine drives, from the run and its clients' data (with their attacks applied)
+# and a callback per finished client; a context manager, closed when the run ends. The in-process one is
+# the default; `fedadapt simulate --transport grpc` passes fedadapt.loopback's.
+TransportFactory = Callable[[setup.Run, dict[str, Features], Callable[[str], None]], AbstractContextManager[Transport]]
+
+
+def in_process(run: setup.Run, clients: dict[str, Features], on_client_done: Callable[[str], None]):
+    return nullcontext(InProcessTransport(run.executor, clients, on_client_done))
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, transport: str = "inprocess") -> dict:
+def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None,
+             transport: TransportFactory = in_process) -> dict:
     console = console or Console()
     t0 = time.perf_counter()
-    privacy_compat.check(cfg)  # refuse an unsafe [privacy] combination before loading anything
+    setup.check(cfg, "simulate")  # refuse a bad strategy option or [privacy] combination before loading anything
     with console.status("loading data and model"):
-        sc = build_scenario(cfg)
-    model = sc.loaded.model
-    spec = ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    strategy, recipe = build(cfg.strategy, RunSettings(cfg.seed, cfg.rounds, cfg.clients_per_round,
-                                                       dataclasses.asdict(cfg.train), len(sc.clients)))
-    per_round = min(cfg.clients_per_round, len(sc.clients))
-    n_train = sum(len(f) for f in sc.clients.values())
-    malicious = choose_malicious(sc.clients, cfg.attack, cfg.seed)
-    clients = poison_data(sc.clients, malicious, cfg.attack, sc.task.train.num_classes)
+        run = setup.load(cfg)
+    strategy, spec = run.strategy, run.spec
+    per_round = min(cfg.clients_per_round, len(run.clients))
+    n_train = sum(len(f) for f in run.clients.values())
+    malicious = choose_malicious(run.clients, cfg.attack, cfg.seed)
+    clients = poison_data(run.clients, malicious, cfg.attack, run.task.train.num_classes)
     if malicious:
-        console.print(f"attack {cfg.attack.kind}: {len(malicious)} of {len(sc.clients)} clients are malicious")
-    avail = availability.from_config(cfg.availability, cfg.seed, {cid: f.labels for cid, f in sc.clients.items()},
-                                     sc.task.train.num_classes)
-    if hasattr(strategy, "known_probabilities"):  # FedAU's oracle: P(available) x P(sampled)
-        strategy.known_probabilities = {cid: avail.rate(cid) * per_round / len(sc.clients) for cid in sc.clients}
-    strategy, recipe = private.wrap(strategy, recipe, cfg.privacy, strategy.settings, cfg.name)
+        console.print(f"attack {cfg.attack.kind}: {len(malicious)} of {len(run.clients)} clients are malicious")
+    avail = availability.from_config(cfg.availability, cfg.seed, {cid: f.labels for cid, f in run.clients.items()},
+                                     run.task.train.num_classes)
+    # the oracle of FedAU's "known" weighting: P(available) x P(sampled)
+    strategy.known_probabilities = {cid: avail.rate(cid) * per_round / len(run.clients) for cid in run.clients}
     if cfg.privacy.secure_aggregation:  # the key directory a coordinator would hold from client registration
-        strategy.public_keys = {cid: recipe.public_key(cid) for cid in sc.clients}
+        strategy.public_keys = {cid: run.recipe.public_key(cid) for cid in run.clients}
     if cfg.availability.pattern != "always":
         console.print(f"availability {cfg.availability.pattern}: mean p {sum(avail.p.values()) / len(avail.p):.3f}, "
                       f"min {min(avail.p.values()):.3f}, max {max(avail.p.values()):.3f}")
-    console.print(f"[bold]{cfg.name}[/]: {len(sc.clients)} clients ({n_train} training examples), "
+    console.print(f"[bold]{cfg.name}[/]: {len(run.clients)} clients ({n_train} training examples), "
                   f"{per_round} per round, {cfg.rounds} rounds, strategy {strategy.name}, "
                   f"{sum(v.numel() for v in spec.initial.values()):,} adapter parameters "
                   f"(setup {time.perf_counter() - t0:.1f}s)")
-
-    def evaluate_on(data, state: GlobalState) -> dict[str, float]:
-        task = Task("evaluate", state.round, {"batch_size": cfg.eval.batch_size}, state.tensors)
-        recipe.prepare(model, task)
-        return recipe.evaluate(model, data, task)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(tomli_w.dumps(_toml_ready(cfg.to_dict())))
@@ -85,12 +81,6 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
                         MofNCompleteColumn(), TextColumn("clients"), TimeElapsedColumn(), console=console,
                         transient=True)
     bar = progress.add_task("train", total=per_round, rnd=1, rounds=cfg.rounds)
-    done = lambda cid: progress.advance(bar)  # noqa: E731
-    if transport == "grpc":
-        spec_json = json.dumps(run_spec(cfg, sc.task.train.label_names, input_dim(sc.task)))
-        wire = grpc_transport(model, recipe, clients, spec_json, on_client_done=done)
-    else:
-        wire = nullcontext(InProcessTransport(model, recipe, clients, on_client_done=done))
 
     def on_round(rec: RoundRecord) -> None:
         bad = len(malicious.intersection(rec.per_client))  # malicious clients that took part
@@ -100,6 +90,9 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
         acc = "" if rec.accuracy is None else f"  accuracy {rec.accuracy:.3f}"
         loss = "" if rec.loss is None else f"  loss {rec.loss:.4f}"
         note = f"  [red]skipped: {rec.skipped}[/]" if rec.skipped else ""
+        if rec.skipped and rec.rejected:  # say why, with the first client's reason
+            cid = min(rec.rejected)
+            note += f" [red]({len(rec.rejected)} rejected; {cid}: {rec.rejected[cid]})[/]"
         eps = rec.strategy.get("privacy/epsilon", rec.strategy.get("privacy/epsilon_max"))
         note += f"  epsilon {eps:.3f}" if eps is not None else ""  # the privacy ledger so far
         note += f"  malicious {bad}/{len(rec.per_client)}" if malicious else ""
@@ -109,34 +102,34 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None, tran
         progress.reset(bar, total=per_round, rnd=min(rec.round + 1, cfg.rounds), rounds=cfg.rounds)
 
     train_start = time.perf_counter()
-    with wire as carrier, progress:
+    with transport(run, clients, lambda cid: progress.advance(bar)) as carrier, progress:
         c = cfg.coordinator
         if cfg.availability.pattern != "always":
             carrier = AvailabilityTransport(carrier, avail, offline=cfg.availability.absent == "offline")
         engine = RoundEngine(strategy, with_attack(carrier, cfg.attack, malicious, cfg.seed), spec,
                              min_results=c.min_results, round_timeout=c.round_timeout or None,
-                             evaluate=lambda s: evaluate_on(sc.eval_subset, s), eval_every=cfg.eval.every)
+                             evaluate=lambda s: run.evaluate(run.eval_subset, s), eval_every=cfg.eval.every)
         state = engine.run(cfg.rounds, on_round)
     metrics_file.close()
     train_seconds = time.perf_counter() - train_start
 
     save_file({k: v.contiguous() for k, v in state.tensors.items()}, str(out_dir / "model.safetensors"))
-    final = evaluate_on(sc.test, state)
+    final = run.evaluate(run.test, state)
     summary = {
         "rounds": cfg.rounds,
-        "clients": len(sc.clients),
+        "clients": len(run.clients),
         "accuracy": final["accuracy"],
         "loss": final["loss"],
-        "test_examples": len(sc.test),
-        "majority_baseline": _majority(sc.clients, sc.test.labels),
+        "test_examples": len(run.test),
+        "majority_baseline": _majority(run.clients, run.test.labels),
         "malicious_clients": len(malicious),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t0,
     }
-    if sc.test_unseen is not None:
-        summary["accuracy_unseen"] = evaluate_on(sc.test_unseen, state)["accuracy"]
-        summary["test_unseen_examples"] = len(sc.test_unseen)
-        summary["majority_baseline_unseen"] = _majority(sc.clients, sc.test_unseen.labels)
+    if run.test_unseen is not None:
+        summary["accuracy_unseen"] = run.evaluate(run.test_unseen, state)["accuracy"]
+        summary["test_unseen_examples"] = len(run.test_unseen)
+        summary["majority_baseline_unseen"] = _majority(run.clients, run.test_unseen.labels)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(console, summary, out_dir)
     return summary

@@ -1,21 +1,32 @@
-"""The two protocols every strategy implements, the shared message types, and the registry.
+"""The two protocols every strategy implements, the shared message types, and the base classes that
+declare every optional hook with its default (nothing is discovered with hasattr).
 
 Server sides are pure (tensors in, tensors out, no I/O) so they can be tested with tiny fp64 tensors
-and driven by any transport: the in-process simulator or the gRPC coordinator.
+and driven by any transport: the in-process simulator, the gRPC coordinator or Flower.
+
+Strategy state: the global tensors and every tensor a strategy keeps between rounds (FedAvgM's velocity,
+FLoRA's stacks, FedAU's participation counts, ...) live in `GlobalState` (`tensors` and `aux`), which the
+engine hands to each call and a coordinator commits atomically with the round. `state_dict()` holds what
+is not a tensor (the privacy wrapper's ledgers); plain strategies keep nothing there.
+
+This module imports no strategy: strategies/registry.py finds them by name.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from fedadapt.core.codec import Contract
-from fedadapt.core.config import from_dict
-from fedadapt.core.errors import ConfigError
+from fedadapt.core.config import Section, option
 from fedadapt.core.rng import derive_seed, permutation
+from fedadapt.privacy.compat import Support
+from fedadapt.training.loop import evaluate, train_config
 
 ClientId = str
 Tensors = dict[str, torch.Tensor]
@@ -64,24 +75,6 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class ServerStrategy(Protocol):
-    name: str
-
-    def init_state(self, spec: ModelSpec) -> GlobalState: ...
-    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[ClientId, Task]: ...
-    def upload_contract(self, state: GlobalState) -> Contract: ...
-    def task_contract(self, state: GlobalState, task: Task) -> Contract: ...
-    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, d: dict[str, Any]) -> None: ...
-
-
-class ClientRecipe(Protocol):
-    def prepare(self, model: torch.nn.Module, task: Task) -> None: ...
-    def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult: ...
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]: ...
-
-
 @dataclass
 class RunSettings:
     """What every server strategy needs besides its own options."""
@@ -91,6 +84,39 @@ class RunSettings:
     clients_per_round: int
     train: dict[str, Any]  # the client's local-training config (core.config.TrainConfig as a dict)
     num_clients: int = 0  # clients the run knows of (virtual clients; registered on a coordinator); 0: unknown
+
+
+class ServerStrategy(Protocol):
+    name: str
+    options: Any  # its `Options`, validated from [strategy]
+    settings: RunSettings
+    known_probabilities: dict[str, float] | None
+
+    def init_state(self, spec: ModelSpec) -> GlobalState: ...
+    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[ClientId, Task]: ...
+    def upload_contract(self, state: GlobalState) -> Contract: ...
+    def task_contract(self, state: GlobalState, task: Task) -> Contract: ...
+    def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+    # optional hooks, with their defaults in StrategyBase
+    def refused(self, client_id: ClientId, metrics: dict[str, float]) -> None: ...
+    def privacy_support(self) -> Support: ...
+    def weighted_by_examples(self) -> bool: ...
+    def client_weights(self, rnd: int, ids: list[ClientId], state: GlobalState) -> dict[ClientId, float] | None: ...
+    def sums_uploads(self, state: GlobalState) -> bool: ...
+    def sum_contract(self, state: GlobalState) -> Contract: ...
+    def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
+                      state: GlobalState) -> RoundOutcome: ...
+
+
+class ClientRecipe(Protocol):
+    def prepare(self, model: torch.nn.Module, task: Task) -> None: ...
+    def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult: ...
+    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]: ...
+    # optional hooks, with their defaults in RecipeBase
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> tuple[Tensors, float]: ...
+    def dp_plan(self, dp: Any, n: int, task: Task) -> Any: ...
 
 
 def sample_clients(clients: list[ClientInfo], k: int, seed: int, rnd: int) -> list[ClientInfo]:
@@ -120,58 +146,62 @@ def train_task(settings: RunSettings, rnd: int, client: ClientId, tensors: Tenso
     return Task("train", rnd, config, tensors)
 
 
-_REGISTRY: dict[str, tuple[type, type]] = {}
+class RecipeBase:
+    """Client-side defaults: evaluation of the prepared model, uploads summed as they are under secure
+    aggregation, and DP-SGD's plan for one local run."""
+
+    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
+        return evaluate(model, data, int(task.config.get("batch_size", 128)))
+
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> tuple[Tensors, float]:
+        """Secure aggregation: what this client adds to the masked sum, and the weight to multiply it by.
+        A strategy whose upload is not itself a summand (rankings, sparse tables, seed/scalar pairs) returns
+        its dense, already weighted form and 1."""
+        return uploads, weight
+
+    def dp_plan(self, dp: Any, n: int, task: Task) -> Any:
+        """Client DP: the privacy.client_dp.Plan of this task's local run on n examples (what it will spend)."""
+        return dp.plan_for(n, train_config(task.config))
 
 
-def register(name: str, recipe: type):
-    """Class decorator: make a server strategy and its client recipe selectable by `name`."""
+class PerModel:
+    """What a recipe keeps for each model it prepares (the simulator's virtual clients share one model, a daemon
+    has its own): made on first use, dropped with the model."""
 
-    def wrap(cls: type) -> type:
-        cls.name = name
-        _REGISTRY[name] = (cls, recipe)
-        return cls
+    def __init__(self, make: Callable[[torch.nn.Module], Any]):
+        self._make = make
+        self._of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    return wrap
-
-
-def available() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def build(strategy_cfg: dict[str, Any], settings: RunSettings) -> tuple[ServerStrategy, ClientRecipe]:
-    """Instantiate the strategy named in `[strategy]`, validating its options by their dotted names."""
-    _load_builtin()
-    options = dict(strategy_cfg)
-    name = options.pop("name", None)
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    server_cls, recipe_cls = _REGISTRY[name]
-    opts = from_dict(server_cls.Options, options, "strategy.")
-    return server_cls(opts, settings), recipe_cls()
+    def __call__(self, model: torch.nn.Module) -> Any:
+        state = self._of.get(model)
+        if state is None:
+            state = self._of[model] = self._make(model)
+        return state
 
 
-def recipe_for(name: str) -> ClientRecipe:
-    """The client side of strategy `name` (what a client daemon runs; no server options needed)."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][1]()
+@dataclass
+class Weighted(Section):
+    """Options of a strategy that averages by p_k = n_k / sum_j n_j ("examples") or 1/|S| ("uniform")."""
+
+    weighting: str = option("examples", choices=("examples", "uniform"))
 
 
-def _load_builtin() -> None:
-    from . import fedavg  # noqa: F401  (registers itself)
-    from . import frl, median  # noqa: F401
-    from . import fedsb, flora, zeropad  # noqa: F401
-    from . import fedau  # noqa: F401
-    from . import ferret, zo  # noqa: F401
+# What a strategy says of itself under [privacy] unless it declares otherwise: nothing is wired.
+NO_PRIVACY = Support(client_dp="it does not train through DP-SGD",
+                     central_dp="it uploads something the server cannot clip as an update",
+                     secure_aggregation="its aggregate is not wired as a sum")
 
 
 class StrategyBase:
-    """Shared plumbing: options, settings, sampling and plain train tasks."""
+    """Shared plumbing: options, settings, sampling and plain train tasks, and the optional hooks."""
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    Recipe: ClassVar[type]  # its client side
+    privacy: ClassVar[Support] = NO_PRIVACY
+    # The simulator's oracle of each client's probability of taking part in a round (it draws availability);
+    # FedAU's "known" weighting reads it. No deployment has it.
+    known_probabilities: dict[str, float] | None = None
 
     def __init__(self, options: Any, settings: RunSettings):
         self.options = options
@@ -191,3 +221,45 @@ class StrategyBase:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         pass
+
+    # ------------------------------------------------------------------ optional hooks
+    def refused(self, client_id: ClientId, metrics: dict[str, float]) -> None:
+        """The engine's report of a client that refused its task (e.g. at its privacy budget)."""
+
+    def privacy_support(self) -> Support:
+        """Which [privacy] modes this strategy, with these options, can run under (and why not)."""
+        return self.privacy
+
+    def weighted_by_examples(self) -> bool:
+        """Whether the aggregate weights each client by its number of examples (else all alike)."""
+        return isinstance(self.options, Weighted) and self.options.weighting == "examples"
+
+    def client_weights(self, rnd: int, ids: list[ClientId], state: GlobalState) -> dict[ClientId, float] | None:
+        """Secure aggregation: weights the server computes and each client applies to its own upload (FedAU's
+        participation weights); None: clients weigh by examples or uniformly, as `weighted_by_examples`."""
+        return None
+
+    def sums_uploads(self, state: GlobalState) -> bool:
+        """Whether the next round's aggregate is the plain sum of the uploads rather than a weighted mean
+        (Fed-SB's initialisation); privacy then sums instead of averaging."""
+        return False
+
+    def sum_contract(self, state: GlobalState) -> Contract:
+        """Secure aggregation: the shapes and dtypes of a client's summand, before masking."""
+        return self.upload_contract(state)
+
+    def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
+                      state: GlobalState) -> RoundOutcome:
+        """The round from the unmasked sum_k w_k x_k (`total`, fp64) and sum_k w_k alone. By default every
+        result carries the weighted mean, which the strategy's own weighted average turns back into it (in a
+        summing round the first carries the sum, the others zeros)."""
+        dtypes = {k: s.dtype for k, s in self.upload_contract(state).items()}
+        if self.sums_uploads(state):
+            first = {k: v.to(dtypes[k]) for k, v in total.items()}
+            zeros = {k: torch.zeros_like(v, dtype=dtypes[k]) for k, v in total.items()}
+            carried = [first if i == 0 else zeros for i in range(len(results))]
+        else:
+            mean = {k: (v / weight).to(dtypes[k]) for k, v in total.items()}
+            carried = [mean] * len(results)
+        return self.aggregate(rnd, [ClientResult(r.client_id, r.num_examples, t, r.metrics)
+                                    for r, t in zip(results, carried)], state)

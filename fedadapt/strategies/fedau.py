@@ -27,10 +27,13 @@ from typing import NamedTuple
 import torch
 
 from fedadapt.core.codec import Contract, contract_of
+from fedadapt.core.config import Section, option
 from fedadapt.core.errors import ConfigError
+from fedadapt.privacy.compat import Support
 
-from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Tensors, register
-from .fedavg import FedAvgRecipe, weighted_average
+from .aggregate import weighted_average
+from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Tensors
+from .fedavg import FedAvgRecipe
 
 WEIGHTINGS = ("fedau", "participating", "all", "known")
 CLIENT_PREFIX = "fedau/client/"  # + client id -> int64 [last round, c, M, sum of intervals]
@@ -102,27 +105,22 @@ def server_update(theta: Tensors, models: list[Tensors], weights: list[float], d
 
 
 @dataclass
-class FedAUOptions:
-    weighting: str = "fedau"  # fedau | participating (FedAvg: mean of participants) | all (divide by N) | known (1/p)
-    cutoff: int = 0  # K: an absence of K rounds is recorded as an interval of K; 0: no cutoff (K = infinity)
-    num_clients: int = 0  # N; 0: the run's clients (virtual clients, or the coordinator's registered clients)
-    server_lr: float = 1.0  # eta_g
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"strategy.weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
-        if self.cutoff < 0 or self.num_clients < 0:
-            raise ConfigError("strategy.cutoff and strategy.num_clients must be >= 0 (0: none / from the run)")
-        if not self.server_lr >= 0:
-            raise ConfigError(f"strategy.server_lr must be >= 0, got {self.server_lr}")
+class FedAUOptions(Section):
+    weighting: str = option("fedau", choices=WEIGHTINGS)  # fedau | participating (FedAvg: mean of participants)
+    # | all (divide by N) | known (1/p)
+    cutoff: int = option(0, ge=0)  # K: an absence of K rounds is recorded as an interval of K; 0: no cutoff
+    num_clients: int = option(0, ge=0)  # N; 0: the run's clients (virtual clients, or the coordinator's registered)
+    server_lr: float = option(1.0, ge=0)  # eta_g
 
 
-@register("fedau", FedAvgRecipe)
 class FedAU(StrategyBase):
+    name = "fedau"
     Options = FedAUOptions
-    # weighting = "known" only: client id -> true participation probability. An oracle that only the
-    # simulator has (it draws availability); set by simulation/runner.py before the run starts.
-    known_probabilities: dict[str, float] | None = None
+    Recipe = FedAvgRecipe
+    privacy = Support(central_dp="FedAU multiplies a client's update by its participation weight (up to the cutoff "
+                                 "K, or without bound), so one client's influence on the sum is not the clip C: "
+                                 "use privacy.dp = 'client'")  # weights under secure aggregation: client_weights
+    # weighting = "known" reads `known_probabilities`, the simulator's oracle (StrategyBase)
 
     def init_state(self, spec: ModelSpec) -> GlobalState:
         n = self.options.num_clients or self.settings.num_clients

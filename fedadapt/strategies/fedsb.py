@@ -24,47 +24,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedadapt.client.trainer import evaluate, train_config, train_local
 from fedadapt.core.codec import Contract, TensorSpec, contract_of
-from fedadapt.core.errors import ConfigError, ModelError, PayloadError
+from fedadapt.core.config import option
+from fedadapt.core.errors import ModelError, PayloadError
 from fedadapt.models.adapters import adapter_state
 from fedadapt.models.lora_layers import load_named
 from fedadapt.models.lorasb import attach_lorasb, frozen_factors, lorasb_init, target_linears
+from fedadapt.privacy.compat import Support
+from fedadapt.training.loop import train_config, train_local
 
-from .base import (
-    ClientInfo,
-    ClientResult,
-    GlobalState,
-    ModelSpec,
-    RoundOutcome,
-    StrategyBase,
-    Task,
-    register,
-    sample_clients,
-    train_task,
-)
-from .fedavg import weighted_average, weights
-from .lowrank import content_hash, head_of, known, lora_modules, remember
+from . import base
+from .aggregate import weighted_average, weights
+from .base import ClientResult, GlobalState, RoundOutcome, Task
+from .lowrank import content_hash, head_of, known, lora_modules, remember, remember_silent
 
 B, A, R, GRAD, SIGNS = ".lorasb_B", ".lorasb_A", ".lorasb_R", ".grad", ".grad_signs"
 FROZEN_HASH = "fedsb/frozen_sha256"  # aux: sha256 of B and A, checked every round (uint8[32])
 
 
 @dataclass
-class FedSBOptions:
-    weighting: str = "examples"  # averaging of R and the head: "examples" (n_k) or "uniform" (the reference)
-    init_clients: int = 0  # clients sending gradients for the initialisation; 0: clients_per_round
-    init_samples: int = 32  # examples per init client (the reference: 50-550 in total)
-    init_lr: float = 1e-3  # eta_eff of the approximated first (sign) step
-    init_upload: str = "gradient"  # init message: "gradient" (fp32, as the reference) or "sign" (1 bit per weight)
+class FedSBOptions(base.Weighted):  # averaging of R and the head ("uniform": the reference)
+    init_clients: int = option(0, ge=0)  # clients sending gradients for the initialisation; 0: clients_per_round
+    init_samples: int = option(32, gt=0)  # examples per init client (the reference: 50-550 in total)
+    init_lr: float = option(1e-3, gt=0)  # eta_eff of the approximated first (sign) step
+    init_upload: str = option("gradient", choices=("gradient", "sign"))  # init message: "gradient" (fp32, as
+    # the reference) or "sign" (1 bit per weight)
 
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if self.init_upload not in ("gradient", "sign"):
-            raise ConfigError(f"strategy.init_upload must be 'gradient' or 'sign', got {self.init_upload!r}")
-        if self.init_clients < 0 or self.init_samples <= 0 or not self.init_lr > 0:
-            raise ConfigError("strategy.init_clients must be >= 0, strategy.init_samples and strategy.init_lr > 0")
+
+SIGN_VOTES = ("strategy.init_upload = 'sign' sends packed sign bits, which the server must unpack one client at a "
+              "time: they can be neither masked into a sum nor clipped and noised; use init_upload = 'gradient' "
+              "with secure aggregation or central DP")
 
 
 def frozen_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -82,7 +71,7 @@ def unpack_votes(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=n)).reshape(shape).double() * 2 - 1
 
 
-class FedSBRecipe:
+class FedSBRecipe(base.RecipeBase):
     """Client side: init rounds send gradients; later rounds train R (and the head) only."""
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
@@ -109,8 +98,11 @@ class FedSBRecipe:
         metrics = trainer(model, data, train_config(task.config), task.config["seed"])
         return ClientResult("", len(data), adapter_state(model), metrics)
 
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
+    def dp_plan(self, dp: Any, n: int, task: Task) -> Any:
+        """An init task releases one noised sum of clipped gradients on a Poisson sample of init_samples."""
+        if task.config.get("fedsb_phase") == "init":
+            return dp.plan_one_step(n, int(task.config["fedsb_samples"]))
+        return super().dp_plan(dp, n, task)
 
 
 def init_gradients(model: torch.nn.Module, data: Any, samples: int, batch_size: int, seed: int
@@ -136,12 +128,22 @@ def init_gradients(model: torch.nn.Module, data: Any, samples: int, batch_size: 
     return grads, total / max(len(subset), 1)
 
 
-@register("fedsb", FedSBRecipe)
-class FedSB(StrategyBase):
+class FedSB(base.StrategyBase):
+    name = "fedsb"
     Options = FedSBOptions
+    Recipe = FedSBRecipe
+    privacy = Support()  # R trains by DP-SGD; init gradients are clipped and noised; R and sums are summable
     _asked: tuple[int, set[str]] = (0, set())  # (round, clients asked in it): set by configure
 
-    def init_state(self, spec: ModelSpec) -> GlobalState:
+    def privacy_support(self) -> Support:
+        if self.options.init_upload == "sign":
+            return self.privacy.but(central_dp=SIGN_VOTES, secure_aggregation=SIGN_VOTES)
+        return self.privacy
+
+    def sums_uploads(self, state: GlobalState) -> bool:
+        return not self.initialised(state)  # the init round steps from the sum of the clients' gradients
+
+    def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
         return GlobalState({k: v.clone() for k, v in head_of(spec.initial).items()})
 
@@ -149,20 +151,20 @@ class FedSB(StrategyBase):
     def initialised(state: GlobalState) -> bool:
         return FROZEN_HASH in state.aux
 
-    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
+    def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         if not self.initialised(state):
             k = self.options.init_clients or self.settings.clients_per_round
-            return {c.client_id: train_task(self.settings, rnd, c.client_id, state.tensors, fedsb_phase="init",
-                                            fedsb_samples=self.options.init_samples,
-                                            fedsb_upload=self.options.init_upload)
-                    for c in sample_clients(clients, k, self.settings.seed, rnd)}
-        chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
+            return {c.client_id: base.train_task(self.settings, rnd, c.client_id, state.tensors,
+                                                 fedsb_phase="init", fedsb_samples=self.options.init_samples,
+                                                 fedsb_upload=self.options.init_upload)
+                    for c in base.sample_clients(clients, k, self.settings.seed, rnd)}
+        chosen = base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
         self._asked = (rnd, {c.client_id for c in chosen})  # a hint for aggregate; not state
         light = {k: v for k, v in state.tensors.items() if not k.endswith((B, A))}  # R and the head
         digest = frozen_hash(state.tensors)
-        return {c.client_id: train_task(self.settings, rnd, c.client_id,
-                                        light if known(state.aux, c.client_id, "frozen", 0) else state.tensors,
-                                        fedsb_phase="train", fedsb_hash=digest) for c in chosen}
+        return {c.client_id: base.train_task(self.settings, rnd, c.client_id,
+                                             light if known(state.aux, c.client_id, "frozen", 0) else state.tensors,
+                                             fedsb_phase="train", fedsb_hash=digest) for c in chosen}
 
     def upload_contract(self, state: GlobalState) -> Contract:
         if not self.initialised(state):  # only the gradients of the target weights (or their signs) travel
@@ -183,9 +185,7 @@ class FedSB(StrategyBase):
         frozen = {k: v for k, v in state.tensors.items() if k.endswith((B, A))}
         aux = dict(state.aux)
         remember(aux, [r.client_id for r in results], "frozen", 1)
-        # a client asked this round that sent nothing valid may have restarted and lost B/A: resend them
-        asked_rnd, asked = self._asked
-        remember(aux, sorted(asked - {r.client_id for r in results}) if asked_rnd == rnd else [], "frozen", 0)
+        remember_silent(aux, self._asked, rnd, results, "frozen", 0)  # it may have lost B/A: resend them
         return RoundOutcome(GlobalState({**avg, **frozen}, aux, rnd), {})
 
     def _initialise(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:

@@ -32,33 +32,36 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedadapt.client.trainer import evaluate, train_config, train_local
 from fedadapt.core.codec import Contract, TensorSpec
+from fedadapt.core.config import option
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.core.rng import derive_seed, normal, permutation, uniform
 from fedadapt.models.adapters import adapter_state, load_adapter_state
+from fedadapt.privacy.compat import Support
+from fedadapt.training.loop import train_config, train_local
 
+from .aggregate import weights
 from .base import (
     ClientInfo,
     ClientResult,
     GlobalState,
     ModelSpec,
+    PerModel,
+    RecipeBase,
     RoundOutcome,
     StrategyBase,
     Task,
     Tensors,
-    register,
+    Weighted,
     sample_clients,
     train_task,
 )
-from .fedavg import weights
-from .lowrank import content_hash, hash_metric, known, nbytes, prune_history, remember
+from .lowrank import content_hash, hash_metric, known, nbytes, prune_history, remember, remember_silent
 from .seeded import det_norm, flat64, pool_seeds, selected, unflat
 
 ENTRIES = "ferret.entries"  # upload: int32 (N, 2): column 0 the index l*K + j, column 1 the fp32 bits of gamma
@@ -205,14 +208,12 @@ def _layout(cfg: dict[str, Any], shapes: dict[str, torch.Size]) -> Layout:
     return Layout(shapes, list(cfg.get("ferret_params", [])), int(cfg["ferret_pool"]), int(cfg["ferret_seeds"]))
 
 
-class FerretRecipe:
+class FerretRecipe(RecipeBase):
     def __init__(self) -> None:
-        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._caches = PerModel(_Cache)
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
-        cache = self._caches.get(model)
-        if cache is None:
-            cache = self._caches[model] = _Cache(model)
+        cache = self._caches(model)
         if "ferret_pool" not in task.config:  # an evaluation task carries the dense global model
             load_adapter_state(model, task.tensors)
             return
@@ -267,41 +268,32 @@ class FerretRecipe:
         metrics |= {"model_hash": self.model_hash, "bases": float(len(index))}
         return ClientResult("", len(data), {ENTRIES: entries}, metrics)
 
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
-
-    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> tuple[Tensors, float]:
         """Secure aggregation: the entries as a dense table (weight x gamma at l*K + j, 0 elsewhere)."""
         index, value = unpack(uploads[ENTRIES])
         table = torch.zeros(len(self.layout.blocks) * int(task.config["ferret_seeds"]), dtype=torch.float64)
         table[index] = value.double() * weight
-        return {TABLE: table}
+        return {TABLE: table}, 1.0
 
 
 # ---------------------------------------------------------------------------------------- server
 @dataclass
-class FerretOptions:
-    seeds: int = 200  # K, the fixed candidate seeds (ferret.sh: 200)
-    basis: str = "gaussian"  # "gaussian" (unbiased, E[v v^T] = I/d) or "truncnormal" (the reference's)
-    server_lr: float = 1.0  # eta_s (the reference: 10, with its truncnormal basis)
-    clip: float = 10.0  # per (seed, block) norm clip of Gamma_{j,l} v_{j,l}; 0: none
-    min_bases: int = 2  # the least n_l of any block
-    weighting: str = "examples"  # p_k: "examples" or "uniform" (the reference's --equal_weight)
-    params: list[str] = field(default_factory=list)  # globs of the tuned parameters; empty: every trainable one
-
-    def __post_init__(self) -> None:
-        if self.seeds < 1 or self.min_bases < 1 or self.server_lr < 0 or self.clip < 0:
-            raise ConfigError("strategy.seeds and strategy.min_bases must be >= 1, strategy.server_lr and "
-                              "strategy.clip >= 0")
-        if self.basis not in BASES:
-            raise ConfigError(f"strategy.basis must be one of {', '.join(BASES)}, got {self.basis!r}")
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+class FerretOptions(Weighted):  # p_k ("uniform": the reference's --equal_weight)
+    seeds: int = option(200, ge=1)  # K, the fixed candidate seeds (ferret.sh: 200)
+    basis: str = option("gaussian", choices=BASES)  # "gaussian" (unbiased, E[v v^T] = I/d) or "truncnormal"
+    # (the reference's)
+    server_lr: float = option(1.0, ge=0)  # eta_s (the reference: 10, with its truncnormal basis)
+    clip: float = option(10.0, ge=0)  # per (seed, block) norm clip of Gamma_{j,l} v_{j,l}; 0: none
+    min_bases: int = option(2, ge=1)  # the least n_l of any block
+    params: list[str] = option([])  # globs of the tuned parameters; empty: every trainable one
 
 
-@register("ferret", FerretRecipe)
 class Ferret(StrategyBase):
+    name = "ferret"
     Options = FerretOptions
+    Recipe = FerretRecipe
+    privacy = Support(central_dp="Ferret's uploads are coordinates on random bases, not updates the server could "
+                                 "clip: use privacy.dp = 'client'")  # its projection post-processes DP-SGD
     _asked: tuple[int, set[str]] = (0, set())  # (round, clients asked in it): set by configure
 
     def init_state(self, spec: ModelSpec) -> GlobalState:
@@ -372,9 +364,7 @@ class Ferret(StrategyBase):
         aux = dict(state.aux)
         aux[f"ferret/round/{rnd}/index"], aux[f"ferret/round/{rnd}/value"] = index.to(torch.int32), value32
         remember(aux, [r.client_id for r in results], "ferret", state.round)
-        # a client asked this round that sent nothing valid may hold anything: it gets the dense model next
-        asked_rnd, asked = self._asked
-        remember(aux, sorted(asked - {r.client_id for r in results}) if asked_rnd == rnd else [], "ferret", -1)
+        remember_silent(aux, self._asked, rnd, results, "ferret", -1)  # it may hold anything: dense next time
         prune_history(aux, _TABLE, PRUNED, nbytes({n: tensors[n] for n in layout.names}))
         hashes = {r.metrics["model_hash"] for r in results if "model_hash" in r.metrics}
         metrics = {

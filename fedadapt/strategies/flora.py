@@ -20,33 +20,33 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedadapt.client.trainer import evaluate, train_config, train_local
-from fedadapt.core.codec import Contract, TensorSpec, contract_of
-from fedadapt.core.errors import ConfigError, PayloadError
+from fedadapt.core.codec import Contract, contract_of
+from fedadapt.core.config import option
+from fedadapt.core.errors import PayloadError
 from fedadapt.models.lora_layers import base_weights, factor_state, fresh_lora, load_named
+from fedadapt.training.loop import train_config, train_local
 
-from .base import (
-    ClientInfo,
-    ClientResult,
-    GlobalState,
-    ModelSpec,
-    RoundOutcome,
-    StrategyBase,
-    Task,
-    Tensors,
-    register,
-    sample_clients,
-    train_task,
+from . import base
+from .aggregate import weighted_average, weights
+from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
+from .lowrank import (
+    client_rank,
+    content_hash,
+    factors_contract,
+    hash_metric,
+    head_of,
+    known,
+    lora_modules,
+    nbytes,
+    prune_history,
+    remember,
+    remember_silent,
 )
-from .fedavg import weighted_average, weights
-from .lowrank import (client_rank, content_hash, hash_metric, head_of, known, lora_modules, nbytes,
-                      prune_history, remember)
 
 DELTA = ".flora_delta"  # <module>.flora_delta: the cumulative merged delta D^t of a module
 _STACK = re.compile(r"^stack/(?P<round>\d+)/(?P<module>.+)/(?P<factor>[AB])$")  # stack/<round>/<module>/A|B
@@ -91,31 +91,19 @@ def naive_delta(factors: list[tuple[torch.Tensor, torch.Tensor]], p: list[float]
 
 # ---------------------------------------------------------------------------------------- server
 @dataclass
-class FloraOptions:
-    weighting: str = "examples"  # p_k: "examples" (n_k / sum n_j over the round's clients) or "uniform"
-    ranks: list[int] = field(default_factory=list)  # r_k cycles over clients in id order; empty: adapter.rank
-    alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k, so s_k = alpha_per_rank (the reference: 2)
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if any(r <= 0 for r in self.ranks):
-            raise ConfigError(f"strategy.ranks must be positive integers, got {self.ranks}")
-        if not self.alpha_per_rank > 0:
-            raise ConfigError(f"strategy.alpha_per_rank must be positive, got {self.alpha_per_rank}")
+class FloraOptions(base.Weighted):  # p_k over the round's clients
+    ranks: list[int] = option([], gt=0)  # r_k cycles over clients in id order; empty: adapter.rank
+    alpha_per_rank: float = option(2.0, gt=0)  # alpha_k = alpha_per_rank * r_k, so s_k = alpha_per_rank (ref: 2)
 
 
-class FloraRecipe:
+class FloraRecipe(base.RecipeBase):
     """Client side: bring the base up to date, train a fresh LoRA of the task's rank, send A and B."""
 
     def __init__(self) -> None:
-        self._bases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Base
+        self._bases = base.PerModel(_Base)
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
-        base = self._bases.get(model)
-        if base is None:
-            base = self._bases[model] = _Base(model)
-        self.catchup = base.sync(task)
+        self.catchup = self._bases(model).sync(task)
         load_named(model, {k: v for k, v in task.tensors.items() if not k.endswith(DELTA) and not _STACK.match(k)})
         default = model.encoder.peft_config["default"].r
         rank = int(task.config.get("flora_rank", default))
@@ -126,9 +114,6 @@ class FloraRecipe:
         metrics = train_local(model, data, train_config(task.config), task.config["seed"])
         metrics |= {**self.catchup, "base_hash": self.base_hash}
         return ClientResult("", len(data), factor_state(model), metrics)
-
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
 
 
 class _Base:
@@ -175,12 +160,15 @@ class _Base:
         return done
 
 
-@register("flora", FloraRecipe)
-class Flora(StrategyBase):
+class Flora(base.StrategyBase):
+    name = "flora"
     Options = FloraOptions
+    Recipe = FloraRecipe
+    privacy = base.NO_PRIVACY.but(secure_aggregation="FLoRA stacks every client's own LoRA factors B_k, A_k (their "
+                                  "sum is not the update), so the server must see each client's factors individually")
     _asked: tuple[int, set[str]] = (0, set())  # (round, clients asked in it): set by configure
 
-    def init_state(self, spec: ModelSpec) -> GlobalState:
+    def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
         head = {k: v.clone() for k, v in head_of(spec.initial).items()}
         deltas = {m + DELTA: torch.zeros(i.out_features, i.in_features, dtype=i.dtype) for m, i in self.modules.items()}
@@ -197,8 +185,8 @@ class Flora(StrategyBase):
                 return stacks
         return dense
 
-    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
-        chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
+    def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
+        chosen = base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
         self._asked = (rnd, {c.client_id for c in chosen})  # a hint for aggregate (below); not state
         head = {k: v for k, v in state.tensors.items() if not k.endswith(DELTA)}
         base_hash = content_hash({m: state.tensors[m + DELTA] for m in self.modules})
@@ -209,7 +197,7 @@ class Flora(StrategyBase):
             if version not in payloads:
                 payloads[version] = {**head, **self._catch_up(state, version)}
             r = client_rank(c, clients, self.options.ranks or [next(iter(self.modules.values())).rank])
-            tasks[c.client_id] = train_task(self.settings, rnd, c.client_id, payloads[version], flora_rank=r,
+            tasks[c.client_id] = base.train_task(self.settings, rnd, c.client_id, payloads[version], flora_rank=r,
                                             flora_alpha=self.options.alpha_per_rank * r, flora_base_round=state.round,
                                             flora_base_hash=base_hash, flora_from=version)
         return tasks
@@ -221,11 +209,8 @@ class Flora(StrategyBase):
         return self._contract(state, int(task.config["flora_rank"]))
 
     def _contract(self, state: GlobalState, rank: int) -> Contract:
-        c = contract_of({k: v for k, v in state.tensors.items() if not k.endswith(DELTA)})
-        for m, i in self.modules.items():
-            c[f"{m}.lora_A"] = TensorSpec((rank, i.in_features), i.dtype)
-            c[f"{m}.lora_B"] = TensorSpec((i.out_features, rank), i.dtype)
-        return c
+        head = contract_of({k: v for k, v in state.tensors.items() if not k.endswith(DELTA)})
+        return {**head, **factors_contract(self.modules, rank)}
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         p = weights([r.num_examples for r in results], self.options.weighting)
@@ -242,10 +227,7 @@ class Flora(StrategyBase):
             err2 += float((naive_delta([f[m] for f in factors], p, s) - exact).pow(2).sum())
             norm2 += float(exact.pow(2).sum())
         remember(aux, [r.client_id for r in results], "base", state.round)
-        # A client asked this round that sent nothing valid may hold any base (it may have restarted and
-        # lost it, or refused the task): it gets D next time, which fits whatever it holds.
-        asked_rnd, asked = self._asked
-        remember(aux, sorted(asked - {r.client_id for r in results}) if asked_rnd == rnd else [], "base", -1)
+        remember_silent(aux, self._asked, rnd, results, "base", -1)  # unknown base: it gets D, which fits any
         prune_history(aux, _STACK, PRUNED, nbytes({k: v for k, v in tensors.items() if k.endswith(DELTA)}))
         hashes = {r.metrics["base_hash"] for r in results if "base_hash" in r.metrics}
         metrics = {

@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from fedadapt.client.trainer import evaluate, train_config, train_local
 from fedadapt.core.codec import Contract, TensorSpec
+from fedadapt.core.config import Section
 from fedadapt.core.errors import ConfigError, ModelError
 from fedadapt.models.supermask import ranking, supermasks
+from fedadapt.privacy.compat import Support
+from fedadapt.training.loop import train_config, train_local
 
-from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Task, Tensors, register
+from .base import ClientResult, GlobalState, ModelSpec, RecipeBase, RoundOutcome, StrategyBase, Task, Tensors
 
 
 def compact_dtype(n: int) -> torch.dtype:
@@ -89,12 +91,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclass
-class FRLOptions:
+class FRLOptions(Section):
     """FRL has no server options: one vote per client is the method. The mask's keep fraction is a
     property of the model (`adapter.keep`), since clients and the evaluator apply it."""
 
 
-class FRLRecipe:
+class FRLRecipe(RecipeBase):
     """Client side: scores from the global ranking, train them, send back their ranking."""
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
@@ -112,17 +114,17 @@ class FRLRecipe:
         uploads = {name: encode_ranking(m.scores.detach()) for name, m in supermasks(model).items()}
         return ClientResult("", len(data), uploads, metrics)
 
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
-
-    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> tuple[Tensors, float]:
         """Secure aggregation: the rank positions, whose sum over clients is the reputation (one vote each)."""
-        return {k: positions(r) for k, r in uploads.items()}
+        return {k: positions(r) for k, r in uploads.items()}, 1.0
 
 
-@register("frl", FRLRecipe)
 class FRL(StrategyBase):
+    name = "frl"
     Options = FRLOptions
+    Recipe = FRLRecipe
+    privacy = Support(central_dp="FRL's vote is a sum of rank positions, not of updates the server could clip: use "
+                                 "privacy.dp = 'client'")  # DP-SGD on the scores; positions sum to the reputation
 
     def init_state(self, spec: ModelSpec) -> GlobalState:
         not_scores = [k for k in spec.initial if not k.endswith(".scores")]

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedadapt.core.codec import TensorSpec
 from fedadapt.core.errors import ModelError
+from fedadapt.models.lora_layers import LORA_FACTOR
 
-from .base import ClientInfo, Tensors
-
-# A and B are told apart by parameter name, never by comparing a dimension with the rank (ambiguous
-# when a layer dimension equals the rank: ALGORITHMS.md §3.5).
-_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.[^.]+\.weight$")
+from .base import ClientInfo, ClientResult, Tensors
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ def lora_modules(initial: Tensors) -> dict[str, LoraModule]:
     """The LoRA-adapted modules of a model spec, from its `<module>.lora_A/B.<adapter>.weight` tensors."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in initial.items():
-        m = _LORA.match(name)
+        m = LORA_FACTOR.match(name)
         if m:
             factors.setdefault(m["module"], {})[m["factor"]] = t
     if not factors:
@@ -46,9 +44,18 @@ def lora_modules(initial: Tensors) -> dict[str, LoraModule]:
     return out
 
 
+def factors_contract(modules: dict[str, LoraModule], rank: int) -> dict[str, TensorSpec]:
+    """The upload contract of every module's LoRA factors at `rank`: `<module>.lora_A` (r, n), `.lora_B` (m, r)."""
+    out = {}
+    for m, i in modules.items():
+        out[f"{m}.lora_A"] = TensorSpec((rank, i.in_features), i.dtype)
+        out[f"{m}.lora_B"] = TensorSpec((i.out_features, rank), i.dtype)
+    return out
+
+
 def head_of(initial: Tensors) -> Tensors:
     """The trainable tensors that are not LoRA factors (the task head): these are plainly averaged."""
-    return {k: v for k, v in initial.items() if not _LORA.match(k)}
+    return {k: v for k, v in initial.items() if not LORA_FACTOR.match(k)}
 
 
 def content_hash(tensors: Tensors) -> str:
@@ -75,6 +82,15 @@ def known(aux: Tensors, client: str, key: str, default: int = -1) -> int:
 def remember(aux: Tensors, clients: list[str], key: str, value: int) -> None:
     for c in clients:
         aux[f"client/{c}/{key}"] = torch.tensor(value, dtype=torch.int64)
+
+
+def remember_silent(aux: Tensors, asked: tuple[int, set[str]], rnd: int, results: list[ClientResult], key: str,
+                    value: int) -> None:
+    """`asked` = (round, clients asked in it). A client asked in round `rnd` that sent nothing valid may have
+    restarted and lost what it held (or refused the task): record `value` for it, which makes the strategy
+    send it the full state next time."""
+    asked_rnd, ids = asked
+    remember(aux, sorted(ids - {r.client_id for r in results}) if asked_rnd == rnd else [], key, value)
 
 
 def client_rank(client: ClientInfo, clients: list[ClientInfo], ranks: list[int]) -> int:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ClientResult, GlobalState, RoundOutcome, Tensors, register
-from .fedavg import FedAvg, FedAvgRecipe
+from fedadapt.core.config import Section
+
+from .base import NO_PRIVACY, ClientResult, GlobalState, RoundOutcome, Tensors
+from .fedavg import FedAvg
 
 
 def coordinate_median(models: list[Tensors]) -> Tensors:
@@ -30,13 +32,14 @@ def coordinate_median(models: list[Tensors]) -> Tensors:
 
 
 @dataclass
-class MedianOptions:
+class MedianOptions(Section):
     """No options: the median has no weights and no server learning rate."""
 
 
-@register("median", FedAvgRecipe)
 class Median(FedAvg):  # same client side, initial state and upload contract as FedAvg
+    name = "median"
     Options = MedianOptions
+    privacy = NO_PRIVACY.but(secure_aggregation="the coordinate-wise median needs every individual update")
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         return RoundOutcome(GlobalState(coordinate_median([r.tensors for r in results]), {}, rnd), {})

@@ -10,45 +10,29 @@ reference's zero-padding path, whose global alpha differs from the clients' (§3
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedadapt.client.trainer import evaluate, train_config, train_local
-from fedadapt.core.codec import Contract, TensorSpec, contract_of
+from fedadapt.core.codec import Contract, contract_of
+from fedadapt.core.config import option
 from fedadapt.core.errors import ConfigError
 from fedadapt.models.lora_layers import factor_state, load_factors
+from fedadapt.training.loop import train_config, train_local
 
-from .base import (
-    ClientInfo,
-    ClientResult,
-    GlobalState,
-    ModelSpec,
-    RoundOutcome,
-    StrategyBase,
-    Task,
-    register,
-    sample_clients,
-    train_task,
-)
-from .fedavg import weighted_average, weights
-from .lowrank import client_rank, head_of, lora_modules
+from . import base
+from .aggregate import weighted_average, weights
+from .base import ClientResult, GlobalState, RoundOutcome, Task
+from .lowrank import client_rank, factors_contract, head_of, lora_modules
 
 
 @dataclass
-class ZeroPadOptions:
-    weighting: str = "examples"  # "examples" (n_k) or "uniform"
-    ranks: list[int] = field(default_factory=list)  # r_k cycled over clients in id order; each <= adapter.rank
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if any(r <= 0 for r in self.ranks):
-            raise ConfigError(f"strategy.ranks must be positive integers, got {self.ranks}")
+class ZeroPadOptions(base.Weighted):
+    ranks: list[int] = option([], gt=0)  # r_k cycled over clients in id order; each <= adapter.rank
 
 
-class ZeroPadRecipe:
+class ZeroPadRecipe(base.RecipeBase):
     """Client side: train the leading r_k components of the global adapter; send them back."""
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
@@ -59,15 +43,15 @@ class ZeroPadRecipe:
         metrics = train_local(model, data, train_config(task.config), task.config["seed"])
         return ClientResult("", len(data), factor_state(model), metrics)
 
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
 
-
-@register("zeropad", ZeroPadRecipe)
-class ZeroPad(StrategyBase):
+class ZeroPad(base.StrategyBase):
+    name = "zeropad"
     Options = ZeroPadOptions
+    Recipe = ZeroPadRecipe
+    privacy = base.NO_PRIVACY.but(secure_aggregation="zero-padded heterogeneous LoRA averages factors of different "
+                                                     "ranks per client")
 
-    def init_state(self, spec: ModelSpec) -> GlobalState:
+    def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
         self.rank = next(iter(self.modules.values())).rank
         if any(r > self.rank for r in self.options.ranks):
@@ -78,26 +62,21 @@ class ZeroPad(StrategyBase):
                 tensors[name.rsplit(".", 2)[0]] = t.clone()
         return GlobalState(tensors)
 
-    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
+    def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         payloads: dict[int, dict] = {}  # one per rank, so the engine encodes each once
         tasks = {}
-        for c in sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd):
+        for c in base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd):
             r = client_rank(c, clients, self.options.ranks or [self.rank])
             if r not in payloads:
                 payloads[r] = {k: _truncate(k, v, r) for k, v in state.tensors.items()}
-            tasks[c.client_id] = train_task(self.settings, rnd, c.client_id, payloads[r], zeropad_rank=r)
+            tasks[c.client_id] = base.train_task(self.settings, rnd, c.client_id, payloads[r], zeropad_rank=r)
         return tasks
 
     def upload_contract(self, state: GlobalState) -> Contract:
         return contract_of(state.tensors)
 
     def task_contract(self, state: GlobalState, task: Task) -> Contract:
-        r = int(task.config["zeropad_rank"])
-        c = contract_of(state.tensors)
-        for m, i in self.modules.items():
-            c[f"{m}.lora_A"] = TensorSpec((r, i.in_features), i.dtype)
-            c[f"{m}.lora_B"] = TensorSpec((i.out_features, r), i.dtype)
-        return c
+        return {**contract_of(state.tensors), **factors_contract(self.modules, int(task.config["zeropad_rank"]))}
 
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         p = weights([r.num_examples for r in results], self.options.weighting)

@@ -22,22 +22,22 @@ is not supported (it would break the K-scalar collapse, §6.6).
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fedadapt.client.trainer import batches, evaluate
 from fedadapt.core.codec import Contract, TensorSpec
+from fedadapt.core.config import option
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.core.rng import derive_seed, generator, normal
 from fedadapt.models.adapters import adapter_state, load_adapter_state
+from fedadapt.training.loop import batches
 
-from .base import ClientResult, GlobalState, ModelSpec, RoundOutcome, StrategyBase, Task, Tensors, register, round_lr
-from .base import ClientInfo, sample_clients, train_task
-from .fedavg import weights
+from . import base
+from .aggregate import weights
+from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
 from .lowrank import content_hash, hash_metric
 from .seeded import fill_normal, flat64, pool_seeds, selected, unflat
 
@@ -126,16 +126,14 @@ class _Cache:
         self.theta: Tensors = {}
 
 
-class ZORecipe:
+class ZORecipe(base.RecipeBase):
     """Client side: rebuild theta^t from theta_0 and G (cached while G is unchanged), run SPSA steps."""
 
     def __init__(self) -> None:
-        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._caches = base.PerModel(_Cache)
 
     def prepare(self, model: torch.nn.Module, task: Task) -> None:
-        cache = self._caches.get(model)
-        if cache is None:
-            cache = self._caches[model] = _Cache(model)
+        cache = self._caches(model)
         if ACC not in task.tensors:  # an evaluation task carries the dense global model
             load_adapter_state(model, task.tensors)
             return
@@ -152,7 +150,7 @@ class ZORecipe:
         self.model_hash = hash_metric(digest)
 
     def train(self, model: torch.nn.Module, data: Any, task: Task, privacy: Any = None) -> ClientResult:
-        if privacy is not None:
+        if privacy is not None:  # refused at config time too (privacy_support); a daemon must not train it
             raise ConfigError("strategy zo does not support client differential privacy")
         cfg = task.config
         k = len(task.tensors[ACC])
@@ -189,10 +187,7 @@ class ZORecipe:
                    "model_hash": self.model_hash}
         return ClientResult("", len(data), {SEEDS: choice.to(torch.int32), GRADS: grads}, metrics)
 
-    def evaluate(self, model: torch.nn.Module, data: Any, task: Task) -> dict[str, float]:
-        return evaluate(model, data, int(task.config.get("batch_size", 128)))
-
-    def summand(self, uploads: Tensors, task: Task, weight: float) -> Tensors:
+    def summand(self, uploads: Tensors, task: Task, weight: float) -> tuple[Tensors, float]:
         """Secure aggregation: per seed, weight x the sum of this client's g's (and, for Pro, the unweighted
         statistics), dense over the K seeds."""
         k = len(task.tensors[ACC])
@@ -200,28 +195,20 @@ class ZORecipe:
         out = {BY_SEED[0]: torch.zeros(k, dtype=torch.float64).index_add_(0, idx, g * weight)}
         if PROBS in task.tensors:
             out[BY_SEED[1]], out[BY_SEED[2]] = pro_update(torch.zeros(k), torch.zeros(k), [(idx, g)])
-        return out
+        return out, 1.0
 
 
 # ---------------------------------------------------------------------------------------- server
 @dataclass
-class ZOOptions:
-    seeds: int = 1024  # K, the seed pool (FedKSeed: 1024 in the README, 4096 in the code)
-    steps: int = 200  # SPSA steps per client and round (tau; FedKSeed: 200 with batch size 1)
-    eps: float = 5e-4  # perturbation scale
+class ZOOptions(base.Weighted):
+    seeds: int = option(1024, ge=1)  # K, the seed pool (FedKSeed: 1024 in the README, 4096 in the code)
+    steps: int = option(200, ge=1)  # SPSA steps per client and round (tau; FedKSeed: 200 with batch size 1)
+    eps: float = option(5e-4, gt=0)  # perturbation scale
     pro: bool = False  # FedKSeed-Pro: sample seeds by the probabilities the server sends
-    weighting: str = "examples"  # p_k: "examples" or "uniform"
-    params: list[str] = field(default_factory=list)  # globs of the tuned parameters; empty: every trainable one
-    clip: float = 0.0  # skip a step whose |L+ - L-| exceeds this (0: never)
-    restore: str = "copy"  # after a perturbation: "copy" (exact) or "inplace" (+eps -2eps +eps, a few ulps)
-
-    def __post_init__(self) -> None:
-        if self.seeds < 1 or self.steps < 1 or not self.eps > 0 or self.clip < 0:
-            raise ConfigError("strategy.seeds and strategy.steps must be >= 1, strategy.eps > 0, strategy.clip >= 0")
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"strategy.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if self.restore not in ("copy", "inplace"):
-            raise ConfigError(f"strategy.restore must be 'copy' or 'inplace', got {self.restore!r}")
+    params: list[str] = option([])  # globs of the tuned parameters; empty: every trainable one
+    clip: float = option(0.0, ge=0)  # skip a step whose |L+ - L-| exceeds this (0: never)
+    restore: str = option("copy", choices=("copy", "inplace"))  # after a perturbation: "copy" (exact) or
+    # "inplace" (+eps -2eps +eps, a few ulps)
 
 
 def _seed_range(k: int):
@@ -230,11 +217,14 @@ def _seed_range(k: int):
     return check
 
 
-@register("zo", ZORecipe)
-class ZO(StrategyBase):
+class ZO(base.StrategyBase):
+    name = "zo"
     Options = ZOOptions
+    Recipe = ZORecipe
+    privacy = base.NO_PRIVACY.but(client_dp="it does not train through DP-SGD (its steps are zeroth-order estimates)",
+                                  secure_aggregation=None)  # per-seed sums are summable
 
-    def init_state(self, spec: ModelSpec) -> GlobalState:
+    def init_state(self, spec: base.ModelSpec) -> GlobalState:
         o = self.options
         self.names = selected(spec.initial, o.params)
         self.pool = derive_seed(self.settings.seed, "zo-pool")
@@ -246,16 +236,16 @@ class ZO(StrategyBase):
             aux[COUNT] = torch.zeros(o.seeds, dtype=torch.float64)
         return GlobalState({k: v.clone() for k, v in spec.initial.items()}, aux)
 
-    def configure(self, rnd: int, clients: list[ClientInfo], state: GlobalState) -> dict[str, Task]:
+    def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         o = self.options
         down = {ACC: state.aux[ACC]}
         if o.pro:
             down[PROBS] = pro_probabilities(state.aux[ABS_SUM], state.aux[COUNT]).float()
         digest = content_hash({n: state.tensors[n] for n in self.names})
-        chosen = sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
-        return {c.client_id: train_task(self.settings, rnd, c.client_id, down, zo_pool=self.pool, zo_steps=o.steps,
-                                        zo_eps=o.eps, zo_params=list(o.params), zo_clip=o.clip,
-                                        zo_restore=o.restore, zo_hash=digest) for c in chosen}
+        chosen = base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)
+        return {c.client_id: base.train_task(self.settings, rnd, c.client_id, down, zo_pool=self.pool,
+                                             zo_steps=o.steps, zo_eps=o.eps, zo_params=list(o.params), zo_clip=o.clip,
+                                             zo_restore=o.restore, zo_hash=digest) for c in chosen}
 
     def upload_contract(self, state: GlobalState) -> Contract:
         n = self.options.steps
@@ -285,7 +275,7 @@ class ZO(StrategyBase):
         return self._commit(rnd, aux, results, state)
 
     def _lr(self, rnd: int) -> float:
-        return round_lr(self.settings.train, rnd, self.settings.rounds)  # the lr the clients stepped with
+        return base.round_lr(self.settings.train, rnd, self.settings.rounds)  # the lr the clients stepped with
 
     def _commit(self, rnd: int, aux: Tensors, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         """theta^{t+1} rebuilt from theta_0 and the new scalars."""

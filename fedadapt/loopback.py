@@ -1,37 +1,37 @@
-"""`simulate --transport grpc`: the same scenario with a real coordinator and virtual clients that
+"""`fedadapt simulate --transport grpc`: the same scenario with a real coordinator and virtual clients that
 talk gRPC over 127.0.0.1.
 
 Each virtual client is a full ClientAgent (join, task stream, chunked uploads, heartbeats) with its own
-token; they share one model like the in-process simulator and train one at a time under a lock, so
-a seeded run gives the same global tensors as `--transport inprocess`.
+token; they share one model and executor like the in-process simulator and train one at a time under a
+lock, so a seeded run gives the same global tensors as `--transport inprocess`. It joins the coordinator
+(fedadapt.server) and the daemon (fedadapt.client), so it sits above both, beside the CLI.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from fedadapt.client.agent import ClientAgent
-from fedadapt.client.credentials import Credentials
 from fedadapt.client.workload import Workload
 from fedadapt.core import codec
 from fedadapt.core.errors import AuthError, FedadaptError
 from fedadapt.models.classifier import Features
+from fedadapt.proto.auth import Credentials
+from fedadapt.runtime.setup import Run
 from fedadapt.server.hub import ClientHub
 from fedadapt.server.service import serve
-from fedadapt.strategies.base import ClientRecipe
 
 JOIN_TIMEOUT = 120.0
 
 
 @contextmanager
-def grpc_transport(model: torch.nn.Module, recipe: ClientRecipe, data: dict[str, Features], run_spec_json: str,
-                   on_client_done=lambda cid: None) -> Iterator[ClientHub]:
+def grpc_transport(run: Run, data: dict[str, Features], on_client_done=lambda cid: None) -> Iterator[ClientHub]:
+    """A coordinator's hub on 127.0.0.1 with one ClientAgent per client of `data`, all joined."""
     tokens = {cid: secrets.token_urlsafe(16) for cid in data}
 
     def authenticate(name: str, token: str) -> None:
@@ -43,7 +43,7 @@ def grpc_transport(model: torch.nn.Module, recipe: ClientRecipe, data: dict[str,
     lock = threading.Lock()
     agents, threads = [], []
     for cid, features in data.items():
-        workload = Workload(model, recipe, features)
+        workload = Workload(run.executor, features)
 
         def make(spec, w=workload, cid=cid):
             return w
@@ -54,7 +54,7 @@ def grpc_transport(model: torch.nn.Module, recipe: ClientRecipe, data: dict[str,
         agents.append(agent)
         threads.append(threading.Thread(target=agent.run, name=f"client-{cid}", daemon=True))
     try:
-        hub.begin_run("simulation", run_spec_json)
+        hub.begin_run("simulation", json.dumps(run.spec_for_clients()))
         for t in threads:
             t.start()
         if not hub.wait_for_clients(len(agents), JOIN_TIMEOUT):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,7 +59,9 @@ class RoundRecord:
     skipped: str | None = None  # why the global state was left unchanged, if it was
     seconds: float = 0.0
     strategy: dict[str, float] = field(default_factory=dict)
-    # client -> {"status": accepted|rejected|failed, "reason", "up", "down"} (bytes) for every client asked
+    # client -> {"status": accepted|rejected|failed, "reason", "up", "down"} for every client asked: accepted
+    # (its result counted), rejected (every result it sent was refused; the first reason), failed (none came);
+    # up = every byte it sent this round, down = its task's bytes
     per_client: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -105,30 +107,32 @@ class RoundEngine:
                     replies: list[ResultMessage], *, start: float, last: bool = False) -> RoundRecord:
         bytes_down = sum(len(m.payload) for m in messages)
         bytes_up = sum(len(r.payload) for r in replies)
-        accepted: list[ClientResult] = []
+        accepted: dict[str, ClientResult] = {}
         rejected: dict[str, str] = {}
+        up: dict[str, int] = {}
         for reply in replies:
+            up[reply.client_id] = up.get(reply.client_id, 0) + len(reply.payload)
             try:
-                accepted.append(self._accept(reply, rnd, tasks, {r.client_id for r in accepted}))
+                accepted[reply.client_id] = self._accept(reply, rnd, tasks, accepted.keys())
             except PayloadError as exc:
-                rejected[reply.client_id] = str(exc)
+                rejected.setdefault(reply.client_id, str(exc))
+        for cid in accepted:  # a client whose result counts is not rejected for a duplicate or a stale copy
+            rejected.pop(cid, None)
 
-        record = RoundRecord(rnd, None, None, None, bytes_up, bytes_down, sorted(r.client_id for r in accepted),
-                             rejected)
-        up = {r.client_id: len(r.payload) for r in replies}
+        record = RoundRecord(rnd, None, None, None, bytes_up, bytes_down, sorted(accepted), rejected)
         for m in messages:
-            status = "rejected" if m.client_id in rejected else "accepted" if m.client_id in up else "failed"
+            status = "accepted" if m.client_id in accepted else "rejected" if m.client_id in rejected else "failed"
             reason = rejected.get(m.client_id, "" if status == "accepted" else "no result")
             record.per_client[m.client_id] = {"status": status, "reason": reason,
                                               "up": up.get(m.client_id, 0), "down": len(m.payload)}
         if len(accepted) < self.min_results:
             record.skipped = f"{len(accepted)} valid results, fewer than min_results={self.min_results}"
         else:
-            accepted.sort(key=lambda r: r.client_id)  # aggregation order must not depend on arrival order
-            outcome = self.strategy.aggregate(rnd, accepted, self.state)
+            results = [accepted[cid] for cid in sorted(accepted)]  # aggregation order must not depend on arrival
+            outcome = self.strategy.aggregate(rnd, results, self.state)
             self.state = outcome.state
             record.strategy = outcome.metrics
-            losses = [(r.metrics["loss"], r.num_examples) for r in accepted if "loss" in r.metrics]
+            losses = [(r.metrics["loss"], r.num_examples) for r in results if "loss" in r.metrics]
             if losses:
                 record.loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
         self.state.round = rnd
@@ -138,19 +142,17 @@ class RoundEngine:
         record.seconds = time.perf_counter() - start
         return record
 
-    def _accept(self, reply: ResultMessage, rnd: int, asked: dict[str, Task], seen: set[str]) -> ClientResult:
+    def _accept(self, reply: ResultMessage, rnd: int, asked: dict[str, Task], seen: Collection[str]) -> ClientResult:
         if reply.client_id not in asked:
             raise PayloadError(f"client {reply.client_id!r} was not asked to train in round {rnd}")
         if reply.client_id in seen:
             raise PayloadError(f"duplicate result from client {reply.client_id!r}")
         if reply.round != rnd:
             raise PayloadError(f"stale result for round {reply.round}, the current round is {rnd}")
-        refused = reply.metrics.get("refused")  # e.g. a client at its privacy budget (fedadapt.privacy)
+        refused = reply.metrics.get("refused")  # the client sent no update, and why (runtime/executor.py)
         if isinstance(refused, str) and refused:
-            note = getattr(self.strategy, "refused", None)  # lets the strategy stop asking an exhausted client
-            if note is not None:
-                note(reply.client_id, _finite_metrics(reply.metrics))
-            raise PayloadError(f"client refused the task: {refused[:300]}")
+            self.strategy.refused(reply.client_id, _finite_metrics(reply.metrics))  # e.g. at its privacy budget
+            raise PayloadError(f"client sent no update: {refused[:300]}")
         n = reply.num_examples
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")

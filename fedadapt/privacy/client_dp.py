@@ -17,7 +17,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from fedadapt.core.rng import derive_seed, generator
 from fedadapt.models.lorasb import SCALE, LoraSBLinear, target_linears
 from fedadapt.models.supermask import Supermask
 
-from .ledger import Ledger, calibrate
+from .ledger import BUDGET_SLACK, Ledger, calibrate
 
 _registered = False
 
@@ -87,7 +87,7 @@ def plan(n: int, batch_size: int, local_steps: int, local_epochs: int, s: DPSett
 
 
 class ClientDP:
-    """DP-SGD for one client: `train_local` is a drop-in for client.trainer.train_local."""
+    """DP-SGD for one client: `train_local` is a drop-in for training.loop.train_local."""
 
     def __init__(self, settings: DPSettings, ledger: Ledger,
                  make_optimizer: Callable[[list[nn.Parameter], Any], torch.optim.Optimizer]):
@@ -98,10 +98,11 @@ class ClientDP:
     def plan_for(self, n: int, cfg: Any) -> Plan:
         return plan(n, cfg.batch_size, cfg.local_steps, cfg.local_epochs, self.settings)
 
-    def plan_init(self, n: int, samples: int, cfg: Any) -> Plan:
-        """Fed-SB's init gradients: one Gaussian-mechanism step on a Poisson sample of rate samples / n.
-        Calibrated noise gives it one planned participation's share of the budget: with the training
-        noise, a high-rate init step alone could exceed the budget and every init client would refuse."""
+    def plan_one_step(self, n: int, samples: int) -> Plan:
+        """One release of a noised sum of clipped gradients (`private_gradients`, e.g. Fed-SB's init): one
+        Gaussian-mechanism step on a Poisson sample of rate samples / n. Calibrated noise gives it one planned
+        participation's share of the budget: with the training noise, a high-rate step alone could exceed the
+        budget and every such client would refuse."""
         q, s = min(1.0, samples / n), self.settings
         z = s.noise_multiplier
         if z < 0:
@@ -118,7 +119,7 @@ class ClientDP:
         opacus' hooks do) costs examples x in x out per module. Their norms come from the identity
         ||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s) instead, and the clipped sum is one matmul.
         """
-        p = self.plan_init(len(data), samples, cfg)
+        p = self.plan_one_step(len(data), samples)
         c = self.settings.max_grad_norm
         bases = target_linears(model)
         was = {q: q.requires_grad for q in model.parameters()}
@@ -175,6 +176,63 @@ class ClientDP:
         _guard(model, before, p.noise_multiplier > 0 and p.steps > 0)
         self.ledger.record(p.noise_multiplier, p.sample_rate, p.steps)
         return {**metrics, "dp_noise_multiplier": p.noise_multiplier, "dp_sample_rate": p.sample_rate}
+
+
+class Accounts:
+    """The client side of client DP for one recipe: a ledger per client id (a simulation's virtual clients), or
+    a daemon's single ledger kept on disk (client/state.py) with, optionally, its own cap over all its runs; and
+    the decision to train a local run or refuse it for the budget."""
+
+    def __init__(self, make_optimizer: Callable, ledger_file: Any = None, max_epsilon: float | None = None):
+        self.make_optimizer = make_optimizer
+        self.ledger_file = ledger_file  # survives restarts; saved before an update can leave the machine
+        self.max_epsilon = max_epsilon  # a daemon's own cap over all its runs; None: the run's budget alone
+        self.ledgers: dict[str, Ledger] = {}
+
+    def begin(self, me: str, settings: dict[str, Any], plan: Callable[[ClientDP], Plan]
+              ) -> tuple[ClientDP | None, dict[str, Any]]:
+        """DP-SGD for client `me`'s next local run (`settings`: the task's privacy entry; `plan`: what the run
+        will spend), or None and the metrics of a refusal when the run would take it past its budget."""
+        s = DPSettings.from_task(settings)
+        ledger = self._ledger(me, s)
+        budget, whose = self._budget(s.epsilon)
+        dp, after = None, math.inf
+        if budget > 0:  # a daemon's cap that leaves less than the run's budget: noise is calibrated to it
+            dp = ClientDP(replace(s, epsilon=min(s.epsilon, budget)), ledger, self.make_optimizer)
+            p = plan(dp)
+            after = ledger.would_spend(p.noise_multiplier, p.sample_rate, p.steps)
+        if after > budget * (1 + BUDGET_SLACK):
+            why = (f"privacy budget exhausted: epsilon {ledger.spent:.3f} of {budget:g} spent{whose}, this "
+                   f"round would reach {after:.3f}")
+            return None, {"refused": why, "dp_epsilon": ledger.spent, "dp_exhausted": 1.0}
+        return dp, {}
+
+    def end(self, dp: ClientDP, following: Plan) -> dict[str, float]:
+        """After the run: the ledger saved, and the metrics that report it (`following`: a next run's plan,
+        to say whether the client could afford one)."""
+        if self.ledger_file is not None:
+            self.ledger_file.save(dp.ledger)  # before the update can leave this machine
+        budget = dp.settings.epsilon
+        return {"dp_epsilon": dp.ledger.spent, "dp_delta": dp.settings.delta,
+                "dp_exhausted": float(dp.ledger.would_spend(following.noise_multiplier, following.sample_rate,
+                                                            following.steps) > budget * (1 + BUDGET_SLACK))}
+
+    def _budget(self, run_epsilon: float) -> tuple[float, str]:
+        """The epsilon this run may reach: the run's budget, or less if the daemon's own cap minus what its
+        other runs spent is smaller (with a note for the refusal message)."""
+        if self.max_epsilon is None or self.ledger_file is None:
+            return run_epsilon, ""
+        left = max(0.0, self.max_epsilon - self.ledger_file.spent_elsewhere())
+        if left >= run_epsilon:
+            return run_epsilon, ""
+        return left, f" (this client's cap --max-epsilon {self.max_epsilon:g} minus {self.max_epsilon - left:.3f} " \
+                     "spent in its other runs)"
+
+    def _ledger(self, me: str, s: DPSettings) -> Ledger:
+        if me not in self.ledgers:
+            saved = self.ledger_file.load() if self.ledger_file is not None else None
+            self.ledgers[me] = saved or Ledger(s.epsilon, s.delta, s.accountant)
+        return self.ledgers[me]
 
 
 def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_norm: float,

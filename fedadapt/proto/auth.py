@@ -1,10 +1,13 @@
-"""A client's credentials dir (made by `fedadapt certs init` / `fedadapt clients add` on the coordinator):
+"""Who is calling: the metadata every gRPC call carries, and the credentials dir it is read from. Shared by
+the client daemon, the Control CLI (admin credentials) and the coordinator (the header names).
+
+A credentials dir (made by `fedadapt certs init` / `fedadapt clients add` on the coordinator):
 
     name     the identity registered on the coordinator
     token    the bearer secret (keep it 0600); the coordinator stores only its sha256
     ca.crt   the CA that signed the coordinator's certificate (absent only for --insecure setups)
 
-Kept free of fedadapt.server imports: an edge client installs without the coordinator's extras.
+Imports nothing of fedadapt but core: an edge client installs without the coordinator's extras.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import grpc
 
 from fedadapt.core.errors import ConfigError
 
-# gRPC metadata keys every call carries (see fedadapt.proto); keys must be lowercase.
+# gRPC metadata keys every call carries; keys must be lowercase.
 NAME_KEY = "x-fedadapt-name"
 TOKEN_KEY = "x-fedadapt-token"
 
