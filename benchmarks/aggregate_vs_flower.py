@@ -15,7 +15,7 @@ bit-identical arrays, and the results are cross-checked (per-tensor sums).
 
 What is timed (each a median over ``--repeats`` runs, per torch thread setting):
 
-  (a)    fedadapt ``FedAvg.aggregate`` (built with ``strategies.base.build``) on already-decoded
+  (a)    fedadapt ``FedAvg.aggregate`` (built with ``strategies.registry.build``) on already-decoded
          replies.
   (b)    ``codec.decode(payload, contract=...)`` of each received reply + (a): what the coordinator
          does with what it receives. The replies are bytearrays, as ``proto.chunks.Reassembler``
@@ -26,7 +26,7 @@ What is timed (each a median over ``--repeats`` runs, per torch thread setting):
          preallocated buffer; (c_each) ten ``copy_`` calls straight from the ten payloads.
   (d)    Flower's ``aggregate_arrayrecords`` on RecordDicts holding ``ArrayRecord`` + ``MetricRecord
          ({"num-examples": n})`` of the same arrays, run in benchmarks/.venv-flower as a subprocess
-         (same machine, same shapes); (d_numpy) of which ``Array.numpy()`` deserialisation.
+         (aggregate_flower.py; same machine, same shapes); (d_numpy) of which ``Array.numpy()`` deserialisation.
   context: sha256 of all reply bytes (what ``proto.chunks.Reassembler`` checks per reply), to put
          the aggregation in proportion.
 
@@ -46,112 +46,29 @@ Writes benchmarks/results/aggregate_vs_flower.json (atomically) and prints a mar
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import gc
 import json
 import math
-import os
-import platform
-import random
-import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-FLOWER_VENV = BENCH_DIR / ".venv-flower"
-FLOWER_PY = FLOWER_VENV / "bin" / "python"
-RESULTS_JSON = BENCH_DIR / "results" / "aggregate_vs_flower.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from aggregate_common import EXAMPLES, NUM_REPLIES, NUM_TENSORS, SEED, SHAPE, interleaved, make_arrays, side_facts  # noqa: E402
+from flower_env import flower_bin, flower_process_env  # noqa: E402
+from harness import BENCH_DIR, REPO, RESULTS, add_json_args, log, print_report, sys_value  # noqa: E402
 
-NUM_REPLIES = 10
-NUM_TENSORS = 20
-SHAPE = (500, 1000)
-SEED = 1234
-EXAMPLES = [100 + 7 * k for k in range(NUM_REPLIES)]
+FLOWER_PY = flower_bin("python")
+RESULTS_JSON = RESULTS / "aggregate_vs_flower.json"
 MB = 1024 * 1024
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- shared helpers
-# (also pasted into the Flower worker below, which runs in another venv)
-
-COMMON_SRC = r'''
-import gc, os, statistics, time
-
-def make_arrays(k, num_tensors, shape, seed):
-    """Reply k's tensors: bit-identical in both venvs (same torch, same generator)."""
-    import torch
-    g = torch.Generator().manual_seed(seed + k)
-    return {f"layer{j:02d}.weight": torch.randn(*shape, generator=g) for j in range(num_tensors)}
-
-def timed(fn):
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    del out
-    return dt * 1e3
-
-class CpuMeter:
-    """CPU used by OTHER processes (cores) over a stretch of wall time: machine busy time from
-    /proc/stat minus this process's own CPU time (and that of waited-for children)."""
-    def _busy(self):
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        idle = v[3] + (v[4] if len(v) > 4 else 0)
-        return (sum(v) - idle) / os.sysconf("SC_CLK_TCK")
-    def _own(self):
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-    def __enter__(self):
-        self.b0, self.o0, self.w0 = self._busy(), self._own(), time.perf_counter()
-        return self
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.w0
-        self.own = self._own() - self.o0
-        other = max(0.0, (self._busy() - self.b0) - self.own)
-        self.background_cores = round(other / self.wall, 3) if self.wall > 0 else None
-        return False
-'''
-exec(COMMON_SRC)  # defines make_arrays, timed, CpuMeter here too
-
-
-def busy_cores(period: float = 1.0) -> float:
-    """Cores the whole machine kept busy over ``period`` s (nothing of ours runs meanwhile)."""
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)
-    t0, i0 = snap()
-    time.sleep(period)
-    t1, i1 = snap()
-    n = os.cpu_count() or 1
-    return round(n * (1 - (i1 - i0) / (t1 - t0)), 2) if t1 > t0 else 0.0
-
-
 def wait_for_quiet(max_wait: float, threshold: float) -> dict:
-    t0 = time.monotonic()
-    b = busy_cores()
-    warned = False
-    while b > threshold and time.monotonic() - t0 < max_wait:
-        if not warned:
-            log(f"[load] machine busy ({b} cores); waiting up to {max_wait:.0f}s for it to go quiet")
-            warned = True
-        time.sleep(2)
-        b = busy_cores()
-    if b > threshold:
-        log(f"[load] still {b} cores busy: measuring anyway, timings will be inflated")
-    return {"busy_cores_before": b, "waited_s": round(time.monotonic() - t0, 1),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    q = harness.wait_for_quiet("load", max_wait, threshold)
+    return {"busy_cores_before": q.busy_cores, "waited_s": q.waited_s, "loadavg_1m": round(q.loadavg_1m, 2)}
 
 
 def stats(ms: list[float]) -> dict:
@@ -165,15 +82,16 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     import torch
 
     from fedadapt.core import codec
-    from fedadapt.strategies.base import ClientResult, ModelSpec, RunSettings, build
-    from fedadapt.strategies.fedavg import weighted_average, weights
+    from fedadapt.strategies.aggregate import weighted_average, weights
+    from fedadapt.strategies.base import ClientResult, ModelSpec, RunSettings
+    from fedadapt.strategies.registry import build
 
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     if threads is not None:
         torch.set_num_threads(threads)
     nthreads = torch.get_num_threads()
 
-    models = [make_arrays(k, NUM_TENSORS, SHAPE, SEED) for k in range(NUM_REPLIES)]
+    models = [make_arrays(k) for k in range(NUM_REPLIES)]
     payloads = [codec.encode(m) for m in models]
     contract = codec.contract_of(models[0])
     total_bytes = sum(t.numel() * t.element_size() for m in models for t in m.values())
@@ -242,92 +160,23 @@ def run_fedadapt(threads: int | None, repeats: int, warmup: int) -> dict:
     sums = {k: float(v.double().sum()) for k, v in new.items()}
     del new, via_wire
 
-    runs: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(0)
-    with CpuMeter() as cm:
-        for i in range(warmup + repeats):
-            order = list(fns.items())
-            rng.shuffle(order)
-            for name, fn in order:
-                ms = timed(fn)
-                if i >= warmup:
-                    runs[name].append(ms)
+    runs, cm = interleaved(fns, repeats, warmup)
     res = {name: stats(v) for name, v in runs.items()}
     return {"torch_threads": nthreads, "total_reply_bytes": total_bytes,
-            "payload_bytes_each": len(payloads[0]), "timings": res, "result_sums": sums,
-            "background_cores": cm.background_cores, "side_wall_s": round(cm.wall, 1),
-            "side_cpu_s": round(cm.own, 1), "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+            "payload_bytes_each": len(payloads[0]), "timings": res, "result_sums": sums, **side_facts(cm)}
 
 
 # -------------------------------------------------------------------- Flower side
 
-FLOWER_WORKER = COMMON_SRC + r'''
-import json, random, sys
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-cfg = json.loads(sys.argv[1])
-if cfg["threads"] is not None:
-    torch.set_num_threads(cfg["threads"])
-records = []
-for k in range(cfg["num_replies"]):
-    arrays = make_arrays(k, cfg["num_tensors"], tuple(cfg["shape"]), cfg["seed"])
-    ar = ArrayRecord({name: Array(t.numpy()) for name, t in arrays.items()})
-    records.append(RecordDict({"arrays": ar, "metrics": MetricRecord({"num-examples": cfg["examples"][k]})}))
-    del arrays
-
-def d():
-    return aggregate_arrayrecords(records, "num-examples")
-
-def d_numpy():  # deserialise every Array once, dropping each result at once (as the aggregation does)
-    n = 0
-    for r in records:
-        for ar in r.array_records.values():
-            for v in ar.values():
-                n += v.numpy().size
-    return n
-
-result = d()
-sums = {k: float(np.asarray(v.numpy(), dtype=np.float64).sum()) for k, v in result.items()}
-del result
-fns = {"d": d, "d_numpy": d_numpy}
-runs = {k: [] for k in fns}
-rng = random.Random(0)
-with CpuMeter() as cm:
-    for i in range(cfg["warmup"] + cfg["repeats"]):
-        order = list(fns.items()); rng.shuffle(order)
-        for name, fn in order:
-            ms = timed(fn)
-            if i >= cfg["warmup"]:
-                runs[name].append(ms)
-import flwr
-print(json.dumps({"runs_ms": runs, "result_sums": sums, "torch_threads": torch.get_num_threads(),
-                  "numpy": np.__version__, "flwr": flwr.__version__, "torch": torch.__version__,
-                  "background_cores": cm.background_cores, "side_wall_s": round(cm.wall, 1),
-                  "side_cpu_s": round(cm.own, 1), "loadavg_1m_after": round(os.getloadavg()[0], 2)}))
-'''
-
-
 def run_flower(threads: int | None, repeats: int, warmup: int, timeout: float = 900) -> dict:
     if not FLOWER_PY.exists():
         return {"skipped": f"{FLOWER_PY} missing (create it with benchmarks/overhead_vs_flower.py)"}
-    cfg = {"threads": threads, "repeats": repeats, "warmup": warmup, "num_replies": NUM_REPLIES,
-           "num_tensors": NUM_TENSORS, "shape": list(SHAPE), "seed": SEED, "examples": EXAMPLES}
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env.update({"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_HOME": tempfile.mkdtemp(prefix="avf-flwr-")})
-    if threads is not None:  # numpy's elementwise ops are single-threaded anyway; for parity
-        env["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.NamedTemporaryFile("w", suffix="_flower_agg_worker.py", delete=False) as f:
-        f.write(FLOWER_WORKER)
-        script = f.name
-    try:
-        r = subprocess.run([str(FLOWER_PY), script, json.dumps(cfg)], capture_output=True, text=True,
-                           timeout=timeout, env=env, cwd=tempfile.gettempdir())
-    finally:
-        os.unlink(script)
+    cfg = {"threads": threads, "repeats": repeats, "warmup": warmup}
+    # numpy's elementwise ops are single-threaded anyway; OMP_NUM_THREADS for parity
+    env = flower_process_env(tempfile.mkdtemp(prefix="avf-flwr-"),
+                             **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
+    r = subprocess.run([str(FLOWER_PY), str(BENCH_DIR / "aggregate_flower.py"), json.dumps(cfg)],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())
     if r.returncode != 0:
         raise RuntimeError(f"Flower worker failed (rc={r.returncode}):\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -338,21 +187,7 @@ def run_flower(threads: int | None, repeats: int, warmup: int, timeout: float = 
 # -------------------------------------------------------------------------- report
 
 def machine_facts() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    """The machine (harness.machine_facts), its caches and transparent huge pages, and torch."""
     caches = {}
     for idx in range(4):
         base = Path(f"/sys/devices/system/cpu/cpu0/cache/index{idx}")
@@ -362,12 +197,9 @@ def machine_facts() -> dict:
         except OSError:
             pass
     import torch
-    return {"hostname": socket.gethostname(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": cpu,
-            "caches_cpu0": caches, "mem_total_gb": mem, "kernel": platform.release(),
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "torch_default_threads": torch.get_num_threads(),
-            "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-            if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else None}
+    return {**harness.machine_facts(), "caches_cpu0": caches, "python": sys.version.split()[0],
+            "torch": torch.__version__, "torch_default_threads": torch.get_num_threads(),
+            "thp": sys_value("/sys/kernel/mm/transparent_hugepage/enabled")}
 
 
 def _ratio(x, y):
@@ -422,13 +254,6 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15, help="measured runs per measurement (>= 9)")
@@ -438,19 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--idle-wait", type=float, default=60.0, help="max s to wait for a quiet machine per side")
     ap.add_argument("--idle-threshold", type=float, default=0.3, help="busy cores counted as quiet")
-    ap.add_argument("--json", type=Path, default=RESULTS_JSON)
-    ap.add_argument("--report", action="store_true", help="only print the table of an earlier run's --json")
+    add_json_args(ap, RESULTS_JSON, "the table")
     args = ap.parse_args(argv)
     if args.report:
-        data = json.loads(args.json.read_text())
-        print(f"Run of {data['started_utc']}: `{data['command']}`\n")
-        print(render(data["results"]))
-        return 0
+        return print_report(args.json, lambda data: render(data["results"]))
     if args.repeats < 9:
         log("[note] fewer than 9 repeats: medians will be noisy on a shared machine")
-    sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(REPO))
 
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = harness.utc_now()
     settings = [None if s.strip() == "default" else int(s) for s in args.threads.split(",")]
     results = []
     for th in settings:
@@ -477,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "benchmark": "aggregate_vs_flower",
         "started_utc": started,
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": harness.command_line(),
         "setup": {"replies": NUM_REPLIES, "tensors_per_reply": NUM_TENSORS, "shape": list(SHAPE),
                   "dtype": "float32", "params_per_reply": NUM_TENSORS * math.prod(SHAPE),
                   "num_examples": EXAMPLES, "seed": SEED},
@@ -489,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_facts(),
         "results": results,
     }
-    write_json(data, args.json)
+    harness.write_json(args.json, data)
     print(f"## FedAvg aggregation: {NUM_REPLIES} replies x {NUM_TENSORS} x {SHAPE[0]}x{SHAPE[1]} float32\n")
     print(f"Command: `{data['command']}`  ")
     m = data["machine"]

@@ -45,13 +45,9 @@ peak RSS/PSS, the load, and the machine.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -64,25 +60,25 @@ from pathlib import Path
 
 import psutil
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-FLOWER_VENV = BENCH_DIR / ".venv-flower"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from flower_env import FLOWER_VENV, flower_bin, flower_process_env, flwr_ls  # noqa: E402
+from harness import BENCH_DIR, PROJECT_PYTHON, REPO, RESULTS, add_json_args, kill_processes, print_report  # noqa: E402
+from measure import TreeCollector, matching_processes, measure, sample_memory  # noqa: E402
+
 FLOWER_APP = BENCH_DIR / "flower_deploy_app"
-RESULTS_JSON = BENCH_DIR / "results" / "deploy_flower.json"
+RESULTS_JSON = RESULTS / "deploy_flower.json"
 TAG_KEY = "FEDADAPT_DEPLOY_BENCH_TAG"
 MIB = 1024 * 1024
 TINY_FLOATS = 1024
 
-sys.path.insert(0, str(BENCH_DIR))
-from measure import TreeCollector, measure, sample_memory  # noqa: E402
-
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    harness.log(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
 def _bin(name: str) -> str:
-    return str(FLOWER_VENV / "bin" / name)
+    return str(flower_bin(name))
 
 
 # ------------------------------------------------------------------ processes
@@ -101,59 +97,7 @@ def listening(port: int) -> bool:
 
 def tagged(tag: str) -> list[psutil.Process]:
     """Live processes whose environment carries TAG_KEY=tag (not this process or its parents)."""
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    out = []
-    for p in psutil.process_iter():
-        if p.pid in me:
-            continue
-        try:
-            if p.environ().get(TAG_KEY) == tag:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def kill_by_pid(procs: list[psutil.Process], grace: float = 5.0) -> list[str]:
-    """SIGTERM each process and its descendants (by PID), SIGKILL what is left after ``grace``."""
-    victims: dict[int, psutil.Process] = {}
-    for p in procs:
-        try:
-            for q in [p, *p.children(recursive=True)]:
-                if q.pid != os.getpid():
-                    victims.setdefault(q.pid, q)
-        except psutil.Error:
-            pass
-    desc = []
-    for q in victims.values():
-        try:
-            desc.append(f"{q.pid}:{q.name()}")
-            q.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace)
-    for q in alive:
-        try:
-            q.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return desc
-
-
-def flower_env(work: Path, tag: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env.update({
-        "PATH": f"{FLOWER_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-        "VIRTUAL_ENV": str(FLOWER_VENV),
-        "FLWR_HOME": str(work / "flwr_home"),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "NO_COLOR": "1", "TERM": "dumb", "PYTHONUNBUFFERED": "1",
-        TAG_KEY: tag,
-    })
-    return env
+    return matching_processes(match_env=(TAG_KEY, tag))
 
 
 class MemoryGuard(threading.Thread):
@@ -186,7 +130,7 @@ class FlowerDeployment:
 
     def __init__(self, work: Path, nodes: int, tag: str, start_timeout: float = 600.0) -> None:
         self.work, self.nodes, self.tag, self.start_timeout = work, nodes, tag, start_timeout
-        self.env = flower_env(work, tag)
+        self.env = flower_process_env(work / "flwr_home", PYTHONUNBUFFERED="1", **{TAG_KEY: tag})
         self.link_port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs: list = []
@@ -244,7 +188,7 @@ class FlowerDeployment:
         return list(found.values())
 
     def stop(self) -> list[str]:
-        killed = kill_by_pid(self.processes())
+        killed = kill_processes(self.processes())
         for p in self.procs:
             try:
                 p.wait(timeout=5)
@@ -305,18 +249,6 @@ def round_times(stamps: list[dict], rounds: int) -> dict:
     return out
 
 
-def flwr_ls(env: dict[str, str]) -> dict:
-    try:
-        r = subprocess.run([_bin("flwr"), "ls", "deploy", "--format", "json"], env=env,
-                           capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return {"success": False, "error": "flwr ls timed out"}
-    try:
-        return json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "raw_stdout": r.stdout[-1500:], "raw_stderr": r.stderr[-1500:]}
-
-
 def idle_memory(tag: str) -> dict:
     procs = TreeCollector(match_env=(TAG_KEY, tag)).collect(None)
     rss, pss, _ = sample_memory(procs)
@@ -339,7 +271,7 @@ def run_flower(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: f
                  "keep_global": keep_global, "loadavg_1m_before": round(os.getloadavg()[0], 2)}
     problems: list[str] = []
     dep = FlowerDeployment(work, nodes, tag)
-    guard = MemoryGuard(min_free_gb * 2**30, lambda: kill_by_pid(dep.processes(), grace=1.0))
+    guard = MemoryGuard(min_free_gb * 2**30, lambda: kill_processes(dep.processes(), grace=1.0))
     guard.start()
     try:
         log(f"[flower] starting SuperLink + {nodes} SuperNodes (work dir {work})")
@@ -362,7 +294,7 @@ def run_flower(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: f
         res["peak_proc_count"] = len(m["peak_procs"])
         if guard.tripped:
             problems.append(guard.tripped)
-        ls = flwr_ls(dep.env)
+        ls = flwr_ls(dep.env, "deploy")
         runs = ls.get("runs") or []
         res["flwr_ls_status"] = [r.get("status") for r in runs]
         if m["rc"] != 0:
@@ -387,7 +319,7 @@ def run_flower(nodes: int, rounds: int, reply_floats: int = TINY_FLOATS, poll: f
         time.sleep(0.5)
         left = tagged(tag)
         if left:
-            res["stray_killed"] = kill_by_pid(left)
+            res["stray_killed"] = kill_processes(left)
             left = tagged(tag)
         if left:
             problems.append(f"processes still alive after cleanup: {[p.pid for p in left]}")
@@ -419,10 +351,9 @@ def _fedadapt_deploy(args: list[str], timeout: float, pss_interval: float) -> tu
     tag = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="dvf-fedadapt-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [str(REPO_ROOT / ".venv" / "bin" / "python"), str(BENCH_DIR / "fedadapt_deploy.py"), *args,
-               "--json", str(out)]
+        cmd = [str(PROJECT_PYTHON), str(BENCH_DIR / "fedadapt_deploy.py"), *args, "--json", str(out)]
         with open(Path(tmp) / "log", "wb") as lf:
-            m = measure(cmd, env={**os.environ, TAG_KEY: tag}, match_env=(TAG_KEY, tag), cwd=str(REPO_ROOT),
+            m = measure(cmd, env={**os.environ, TAG_KEY: tag}, match_env=(TAG_KEY, tag), cwd=str(REPO),
                         timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, interval=0.25,
                         pss_interval=pss_interval)
         result = json.loads(out.read_text()) if out.exists() else {}
@@ -569,33 +500,6 @@ def run_side(runner, args, side: str) -> dict:
 
 # ------------------------------------------------------------------------ main
 
-def machine_facts() -> dict:
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    facts = {"hostname": socket.gethostname(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": cpu,
-             "mem_total_gb": round(psutil.virtual_memory().total / 2**30, 1), "kernel": platform.release(),
-             "runner_python": sys.version.split()[0]}
-    try:
-        r = subprocess.run([_bin("python"), "-c", "import flwr, numpy, sys; print(flwr.__version__, "
-                            "numpy.__version__, sys.version.split()[0])"], capture_output=True, text=True,
-                           timeout=60)
-        fl, npv, py = r.stdout.split()
-        facts["flower_venv"] = {"flwr": fl, "numpy": npv, "python": py}
-    except Exception as e:  # noqa: BLE001
-        facts["flower_venv"] = {"error": repr(e)}
-    return facts
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def render(sides: dict) -> str:
     lines = ["| side | scenario | N | ok | per-round (s) = wall/R | round median (s) | min-max (s) | "
              "peak RSS (MB) | peak PSS (MB) | idle RSS (MB) | other load (cores, max) |",
@@ -644,7 +548,7 @@ def _mb(v: float | None) -> str:
 
 def raw_socket_mbps() -> float | None:
     """The raw loopback baseline measured by benchmarks/loopback_socket.py, if it has been run."""
-    path = BENCH_DIR / "results" / "loopback_socket.json"
+    path = RESULTS / "loopback_socket.json"
     return json.loads(path.read_text()).get("MBps_median") if path.exists() else None
 
 
@@ -699,16 +603,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="kill the deployment if MemAvailable drops below this (shared machine)")
     ap.add_argument("--pss-interval", type=float, default=1.0)
     ap.add_argument("--keep-workdir", action="store_true")
-    ap.add_argument("--json", type=Path, default=RESULTS_JSON)
-    ap.add_argument("--report", action="store_true", help="only print the tables of an earlier run's --json")
+    add_json_args(ap, RESULTS_JSON, "the tables")
     args = ap.parse_args(argv)
     if args.report:
-        data = json.loads(args.json.read_text())
-        print(f"Run of {data['started_utc']}: `{data['command']}`, load average at end {data['loadavg_at_end']}\n")
-        print(render(data["sides"]))
-        return 0
+        return print_report(args.json, lambda data: render(data["sides"]), {"load average at end": "loadavg_at_end"})
 
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = harness.utc_now()
     sides: dict[str, dict] = {}
     try:
         if args.skip_fedadapt:
@@ -726,8 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "benchmark": "deploy_vs_flower",
             "started_utc": started,
-            "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "finished_utc": harness.utc_now(),
+            "command": harness.command_line(),
             "workload": {
                 "overhead": f"numpy echo ClientApp, {TINY_FLOATS} float32 reply, stock FedAvg, all N "
                             f"nodes sampled, {args.rounds} rounds",
@@ -740,11 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                        "`flwr run`; idle RSS = the same right before `flwr run`; background_cores = CPU "
                        "of all other processes / wall (0 on a quiet machine)"),
             "args": vars(args) | {"json": str(args.json)},
-            "machine": machine_facts(),
+            "machine": harness.machine_facts(flower_venv=(flower_bin("python"), ["flwr", "numpy"])),
             "loadavg_at_end": os.getloadavg(),
             "sides": sides,
         }
-        write_json(data, args.json)
+        harness.write_json(args.json, data)
     print(render(sides))
     print(f"\nRaw runs: {args.json}")
     bad = [r for d in sides.values() for per in d.get("overhead", {}).values() for e in per.values()

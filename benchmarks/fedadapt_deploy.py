@@ -32,7 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import REPO, write_json
+
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -81,13 +82,14 @@ class EchoRecipe:
 def host_echo_clients(target: str, names: list[str], creds_root: Path) -> None:
     """Run N echo ClientAgents in this process until SIGTERM (the client side of `overhead`)."""
     from fedadapt.client.agent import ClientAgent
-    from fedadapt.client.credentials import load_credentials
     from fedadapt.client.workload import Workload
+    from fedadapt.proto.auth import load_credentials
+    from fedadapt.runtime.executor import Executor
 
     agents = []
     for name in names:
         creds = load_credentials(creds_root / name)
-        agent = ClientAgent(target, creds, lambda spec: Workload(None, EchoRecipe(), [0] * 8), insecure=True,
+        agent = ClientAgent(target, creds, lambda spec: Workload(Executor(None, EchoRecipe()), [0] * 8), insecure=True,
                             log=lambda msg: None)
         agents.append(agent)
         threading.Thread(target=agent.run, daemon=True).start()
@@ -103,8 +105,8 @@ def overhead(clients: int, rounds: int, hosts: int) -> dict:
     """Round period with `clients` echo clients spread over `hosts` processes, and the coordinator's own
     CPU time per round (the part of the period that is the coordinator's work)."""
     import psutil
-
     from deploy import Deployment
+
     from fedadapt.server.certs import token_credentials
     from fedadapt.server.store import Store
 
@@ -150,12 +152,12 @@ def overhead(clients: int, rounds: int, hosts: int) -> dict:
 
 def upload(mib: int, repeats: int) -> dict:
     import grpc
-
     from deploy import Deployment
-    from fedadapt.client.credentials import load_credentials, metadata
+
+    from fedadapt.core.memory import reuse_freed_memory
     from fedadapt.proto import fedadapt_pb2 as pb
     from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-    from fedadapt.core.memory import reuse_freed_memory
+    from fedadapt.proto.auth import load_credentials, metadata
     from fedadapt.proto.chunks import describe, framed, push_result
 
     reuse_freed_memory()  # as the client daemon does
@@ -262,7 +264,7 @@ def main() -> None:
     else:
         result = (upload if args.what == "upload" else grpc_ceiling)(args.mib, args.repeats)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 

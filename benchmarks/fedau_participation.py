@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from harness import RESULTS, write_json
 from rich.console import Console
 
 from fedadapt.core.config import load_config
 from fedadapt.simulation.runner import simulate
 
 SCENARIO = "simulations/fedau-digits.toml"
-RESULTS = Path(__file__).parent / "results"
 TITLES = {"fedau-digits": "digits, 100 clients, Dirichlet 0.1, participation tied to labels",
           "fedau-mnist1d": "MNIST-1D, 100 clients, Dirichlet 0.1, participation tied to labels"}
 LABELS = {"fedau": "FedAU (K = inf)", "participating": "FedAvg (average over participants)",
@@ -118,10 +118,9 @@ def main() -> None:
               flush=True)
 
     table = summarize(args.methods, chosen, runs)
-    RESULTS.mkdir(exist_ok=True)
     out = {"scenario": args.scenario, "rounds": args.rounds, "seeds": args.seeds, "tune_seed": args.tune_seed,
            "overrides": args.extra, "tuning": tuning, "table": table, "runs": runs}
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(RESULTS / f"{args.out}.json", out, indent=1)
     report(table, runs, RESULTS / f"{args.out}.png", args.scenario)
 
 
@@ -129,11 +128,11 @@ def objective_skew(scenario: str, seed: int, extra: list[str]) -> str:
     """How participation reweights the objective: averaging over participants minimises sum_n p_n f_n, so each
     class weighs sum_n p_n x (client n's share of that class), against sum_n (its share) for the uniform
     objective that FedAU and 1/p aim at. Data and availability only; nothing is trained."""
+    from fedadapt.runtime import setup
     from fedadapt.simulation import availability
-    from fedadapt.simulation.scenario import build_scenario
 
     cfg = load_config(scenario, [f"seed={seed}", *extra])
-    sc = build_scenario(cfg)
+    sc = setup.load(cfg)
     c = sc.task.train.num_classes
     avail = availability.from_config(cfg.availability, seed, {k: f.labels for k, f in sc.clients.items()}, c)
     biased, uniform = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)

@@ -27,10 +27,8 @@ Writes benchmarks/results/flower_sim.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -38,20 +36,18 @@ import tempfile
 import uuid
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import overhead_vs_flower as ovf  # noqa: E402  (Flower venv, process tagging/killing, machine facts)
-from flower_env import OVERLAY_VAR, flower_python  # noqa: E402
+import overhead_vs_flower as ovf  # noqa: E402  (the env tag, the local SuperLink, quiet waits, machine facts)
+from flower_env import OVERLAY_VAR, flower_python, flwr_ls  # noqa: E402
+from harness import BENCH_DIR, REPO, RESULTS, command_line, kill_processes, log, record_problems, utc_now, write_json  # noqa: E402
 from measure import measure, summarize  # noqa: E402
 
 SCENARIO = BENCH_DIR / "flower_sim.toml"
-EXAMPLE_APP = REPO_ROOT / "examples" / "flower"
-RESULTS_JSON = BENCH_DIR / "results" / "flower_sim.json"
+EXAMPLE_APP = REPO / "examples" / "flower"
+RESULTS_JSON = RESULTS / "flower_sim.json"
 SIDES = ("fedadapt", "flower-pyapi", "flower-cli")
 NUM_CLIENTS = 100
-log = ovf.log
 
 
 def _side_cmd(side: str, out: Path, py: Path) -> list[str]:
@@ -67,7 +63,7 @@ def _side_cmd(side: str, out: Path, py: Path) -> list[str]:
 def _env(side: str, work: Path, tag: str, overlay_env: dict[str, str]) -> dict[str, str]:
     if side == "fedadapt":
         return {**os.environ, ovf.TAG_KEY: tag}
-    env = ovf.flower_env(work, tag)  # Flower venv first on PATH, fresh FLWR_HOME, RAY_TMPDIR, offline flags
+    env = ovf.flower_run_env(work, tag)  # Flower venv first on PATH, fresh FLWR_HOME, RAY_TMPDIR, offline flags
     env[OVERLAY_VAR] = overlay_env[OVERLAY_VAR]  # ... and this checkout of fedadapt importable
     (work / "ray").mkdir(parents=True, exist_ok=True)
     return env
@@ -79,12 +75,12 @@ def run_once(side: str, work: Path, timeout: float, py: Path, overlay_env: dict[
     env = _env(side, work, tag, overlay_env)
     cmd = _side_cmd(side, out, py)
     with open(work / "run.log", "wb") as lf:
-        res = measure(cmd, env=env, match_env=(ovf.TAG_KEY, tag), cwd=str(REPO_ROOT), timeout=timeout,
+        res = measure(cmd, env=env, match_env=(ovf.TAG_KEY, tag), cwd=str(REPO), timeout=timeout,
                       stdout=lf, stderr=subprocess.STDOUT)
     res["cmd"] = cmd
     problems = [f"exited {res['rc']}"] if res["rc"] != 0 else []
     if side == "flower-cli":  # `flwr run --stream` exits 0 even when the run failed (FLOWER-NOTES P5)
-        runs = ovf._flwr_ls(env).get("runs") or []
+        runs = flwr_ls(env, "local").get("runs") or []
         res["flwr_ls_status"] = [r.get("status") for r in runs]
         if res["flwr_ls_status"] != ["finished:completed"]:
             problems.append(f"flwr ls: {res['flwr_ls_status']}")
@@ -96,14 +92,10 @@ def run_once(side: str, work: Path, timeout: float, py: Path, overlay_env: dict[
         problems.append("no summary.json (the run did not finish)")
     # everything this run started, including a detached SuperLink/SuperExec and Ray, carries the tag
     res["adapter_sha256"] = adapter_digest(out / "model.safetensors")
-    stray = ovf.kill_processes(ovf.tagged_processes(tag))
+    stray = kill_processes(ovf.tagged_processes(tag))
     if stray:
         res["killed_after"] = stray
-    res["ok"], res["problems"] = not problems, problems
-    if problems:
-        log(f"[{side}] FAILED: {problems}\n--- tail of {work / 'run.log'} ---\n"
-            f"{(work / 'run.log').read_text(errors='replace')[-3000:]}")
-    return res
+    return record_problems(res, problems, side, work / "run.log")
 
 
 def adapter_digest(path: Path) -> str | None:
@@ -185,14 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)  # run_once already ended every process it tagged
 
-    data = {"benchmark": "flower_sim", "updated_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    data = {"benchmark": "flower_sim", "updated_utc": utc_now(), "command": command_line(),
             "scenario": SCENARIO.read_text(), "repeats": args.repeats,
             "machine": ovf.machine_facts(flower=True, fedadapt=True), "sides": sides}
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS_JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, RESULTS_JSON)
+    write_json(RESULTS_JSON, data)
     print(render(sides))
     print(f"\nRaw runs: {RESULTS_JSON}")
     return 0 if all(r["ok"] for s in sides.values() for r in s.get("runs", [])) else 1

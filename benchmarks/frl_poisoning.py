@@ -48,15 +48,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import REPO, command_line, write_json
 from rich.console import Console
 
 from fedadapt.core.config import load_config
 from fedadapt.core.errors import FedadaptError
 from fedadapt.simulation.runner import simulate
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ROOT / "simulations/frl-digits.toml"
-MINILM = ROOT / "simulations/frl-minilm.toml"
+DIGITS = REPO / "simulations/frl-digits.toml"
+MINILM = REPO / "simulations/frl-minilm.toml"
 FRACTIONS = [0.0, 0.1, 0.2, 0.3]
 SCALE = 10.0
 WEIGHTS = ["adapter.kind=full", "train.lr=0.1"]  # the same MLP, its weights trained
@@ -158,7 +158,8 @@ def attack_analysis(overrides: list[str]) -> dict:
     vote, and how much the clean vote moved the mask from the previous global ranking (the round's
     progress). A mask difference is the fraction of the kept edges of one that the other does not keep."""
     from fedadapt.models.supermask import top_mask
-    from fedadapt.simulation import attacks, runner as sim
+    from fedadapt.simulation import attacks
+    from fedadapt.simulation import runner as sim
     from fedadapt.strategies import frl
 
     cfg = load_config(DIGITS, overrides)
@@ -220,7 +221,7 @@ def analysis_report(runs: dict) -> None:
 
 
 def report(res: dict) -> None:
-    print(f"command: {' '.join(['.venv/bin/python', *sys.argv])}   (nproc={os.cpu_count()}, "
+    print(f"command: {command_line('.venv/bin/python')}   (nproc={os.cpu_count()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     if "digits" in res:
         d, seeds = res["digits"], res["seeds"]
@@ -295,14 +296,11 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS, help="digits: malicious fractions")
     ap.add_argument("--no-label-flip", action="store_true", help="digits: only the model-poisoning attacks")
     args = ap.parse_args()
-    path = ROOT / args.out
+    path = REPO / args.out
     res = json.loads(path.read_text()) if path.exists() else {}  # finished runs are kept (resume)
-    path.parent.mkdir(exist_ok=True)
 
     def save() -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(path)
+        write_json(path, res)
 
     if args.part == "analysis":  # per-round effect of reverse-ranking on FRL's vote, 20% malicious
         runs = json.loads(path.read_text()) if path.exists() else {}
@@ -314,7 +312,7 @@ def main() -> None:
                 if name not in runs:
                     extra = [f"train.lr_final={decay * load_config(DIGITS, []).train.lr:g}"] if decay else []
                     runs[name] = attack_analysis(cohort + extra + [f"seed={s}"] + args.set)
-                    path.write_text(json.dumps(runs, indent=1))
+                    write_json(path, runs, indent=1)
                     print(f"{name}: {runs[name]['accuracy']:.3f}", file=sys.stderr, flush=True)
         analysis_report(runs)
         return

@@ -18,15 +18,13 @@ repeats; MB/s uses MB = 10**6 bytes (MiB/s is reported too).
 
 Options: ``--send-chunk BYTES`` makes the sender call ``sendall`` per chunk (e.g. 3 MiB, the
 size of fedadapt's payload chunks) instead of once; ``--json PATH`` (default
-benchmarks/results/loopback_socket.json, written atomically). Uses only the standard library.
+benchmarks/results/loopback_socket.json, written atomically). Uses only the standard library (and harness.py).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -34,23 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS_JSON = Path(__file__).resolve().parent / "results" / "loopback_socket.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, CpuMeter, command_line, machine_facts, sys_value, utc_now, write_json  # noqa: E402
+
+RESULTS_JSON = RESULTS / "loopback_socket.json"
 MIB = 1024 * 1024
-
-
-def _busy_seconds() -> float:
-    """Machine-wide busy CPU seconds from /proc/stat (0 where unavailable)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def _sender(port: int, size: int, repeats: int, chunk: int) -> None:
@@ -99,7 +85,7 @@ def measure(size_bytes: int = 100 * MIB, repeats: int = 15, *, warmup: int = 2, 
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rcvbuf = conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            busy0, own0, w0, cpu0 = _busy_seconds(), _own_cpu(), time.perf_counter(), time.process_time()
+            meter, w0, cpu0 = CpuMeter().start(), time.perf_counter(), time.process_time()
             for i in range(total):
                 t0 = time.perf_counter()
                 conn.sendall(b"g")
@@ -122,8 +108,7 @@ def measure(size_bytes: int = 100 * MIB, repeats: int = 15, *, warmup: int = 2, 
                     break
                 tail += part
         child.wait(timeout=timeout)
-        own = _own_cpu() - own0  # includes the sender once it has been waited for
-        other = max(0.0, (_busy_seconds() - busy0) - own)
+        other = meter.stop().other  # our own CPU includes the sender's once it has been waited for
     finally:
         srv.close()
         if child.poll() is None:
@@ -149,18 +134,8 @@ def measure(size_bytes: int = 100 * MIB, repeats: int = 15, *, warmup: int = 2, 
 
 
 def _machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                    if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"hostname": socket.gethostname(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": cpu,
-            "kernel": platform.release(), "python": sys.version.split()[0],
-            "tcp_rmem": Path("/proc/sys/net/ipv4/tcp_rmem").read_text().strip()
-            if Path("/proc/sys/net/ipv4/tcp_rmem").exists() else None,
-            "tcp_wmem": Path("/proc/sys/net/ipv4/tcp_wmem").read_text().strip()
-            if Path("/proc/sys/net/ipv4/tcp_wmem").exists() else None}
+    return {**machine_facts(), "python": sys.version.split()[0],
+            "tcp_rmem": sys_value("/proc/sys/net/ipv4/tcp_rmem"), "tcp_wmem": sys_value("/proc/sys/net/ipv4/tcp_wmem")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(all_runs)
     data = {
         "benchmark": "loopback_socket",
-        "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
+        "started_utc": utc_now(),
+        "command": command_line(),
         "method": ("receiver = this process, sender = child process; per repeat: 1-byte go, then "
                    "size bytes via sendall -> recv_into a preallocated, pre-faulted bytearray on "
                    "127.0.0.1; MB = 1e6 bytes; headline = median over all repeats of all sessions"),
@@ -201,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "sessions": sessions,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, args.json)
+    write_json(args.json, data)
     print(json.dumps({k: data[k] for k in ("size_bytes", "median_s", "MBps_median", "MiBps_median",
                                            "session_MBps_medians")}))
     return 0

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import measure
+from harness import REPO, measure_simulate, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-FEDADAPT = Path(sys.executable).parent / "fedadapt"
 HETERO = "[4, 8, 16]"
 METHODS = {  # name -> (description, overrides)
     "fedavg": ("FedAvg-LoRA, naive A/B averaging (r=8 everywhere)", ['strategy={name="fedavg"}']),
@@ -47,13 +43,9 @@ METHODS = {  # name -> (description, overrides)
 def run(seed: int, rounds: int, per_round: int, final: int, overrides: list[str]) -> dict:
     """One `fedadapt simulate` of the quickstart scenario with `overrides`; its accuracy, bytes and rounds."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(FEDADAPT), "simulate", str(ROOT / "simulations/quickstart.toml"), "--out", out]
-        for o in [f"seed={seed}", f"rounds={rounds}", f"clients_per_round={per_round}",
-                  f"eval.final_max_examples={final}", "eval.every=1000", *overrides]:
-            cmd += ["--set", o]
-        m = measure(cmd, env={**os.environ}, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if m["rc"] != 0:
-            sys.exit(f"failed (exit {m['rc']}): {' '.join(cmd)}")
+        m = measure_simulate(REPO / "simulations/quickstart.toml", out,
+                             [f"seed={seed}", f"rounds={rounds}", f"clients_per_round={per_round}",
+                              f"eval.final_max_examples={final}", "eval.every=1000", *overrides])
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((Path(out) / "summary.json").read_text())
     train_rows = [r for r in rows if "init_clients" not in r["strategy"]]
@@ -78,7 +70,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every method's run (e.g. train.lr=0.6), after the method's own")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lora_exact.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/lora_exact.json")
     ap.add_argument("--report", type=Path, nargs="*",
                     help="print the table of saved results (default: --out; several files: their runs merged), run nothing")
     args = ap.parse_args()
@@ -94,7 +86,7 @@ def main() -> None:
             overrides = METHODS[name][1] + args.extra
             row = run(seed, args.rounds, args.clients_per_round, args.final_examples, overrides)
             results["methods"][name]["runs"].append({"seed": seed, **row})
-            out.write_text(json.dumps(results, indent=2))
+            write_json(out, results)
             print(f"{name} seed {seed}: accuracy {row['accuracy']:.3f} / {row['accuracy_unseen']:.3f}, "
                   f"up {row['bytes_up'] / 1e6:.2f} MB, down {row['bytes_down'] / 1e6:.2f} MB", flush=True)
     report(results)

@@ -11,30 +11,22 @@ the command's process tree, sampled every 0.1 s; medians of --repeats runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import measure  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-FEDADAPT = Path(sys.executable).parent / "fedadapt"
+from harness import REPO, command_line, measure_simulate, write_json  # noqa: E402
 
 
 def run(num_clients: int, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(FEDADAPT), "simulate", str(ROOT / "simulations/quickstart.toml"), "--out", out,
-               "--set", f"data.num_clients={num_clients}", "--set", f"clients_per_round={args.per_round}",
-               "--set", f"rounds={args.rounds}", "--set", "eval.every=1000", "--set", "eval.final_max_examples=64"]
-        r = measure(cmd, env={**os.environ}, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if r["rc"] != 0:
-            sys.exit(f"run with {num_clients} clients failed (exit {r['rc']}): {' '.join(cmd)}")
-        return r
+        return measure_simulate(REPO / "simulations/quickstart.toml", out,
+                                [f"data.num_clients={num_clients}", f"clients_per_round={args.per_round}",
+                                 f"rounds={args.rounds}", "eval.every=1000", "eval.final_max_examples=64"],
+                                failed=f"run with {num_clients} clients failed")
 
 
 def main() -> None:
@@ -53,7 +45,7 @@ def main() -> None:
                    if all(r["peak_pss_mb"] is not None for r in runs) else None,
                    "wall_s": statistics.median(r["wall_s"] for r in runs)}
     base = rows[args.clients[0]]
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}   (nproc={os.cpu_count()})")
+    print(f"command: {command_line(Path(sys.executable).name)}   (nproc={os.cpu_count()})")
     print(f"quickstart scenario, {args.per_round} clients trained per round, {args.rounds} rounds, "
           f"median of {args.repeats}\n")
     print("| virtual clients | peak RSS (MB) | peak PSS (MB) | wall (s) | RSS vs first |")
@@ -61,9 +53,7 @@ def main() -> None:
     for n, r in rows.items():
         pss = f"{r['pss_mb']:.0f}" if r["pss_mb"] is not None else "n/a"
         print(f"| {n} | {r['rss_mb']:.0f} | {pss} | {r['wall_s']:.1f} | {r['rss_mb'] / base['rss_mb']:.2f}x |")
-    out = ROOT / "benchmarks/results/memory_clients.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=2))
+    write_json(REPO / "benchmarks/results/memory_clients.json", {str(k): v for k, v in rows.items()})
 
 
 if __name__ == "__main__":

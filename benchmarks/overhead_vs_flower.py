@@ -29,14 +29,10 @@ benchmarks/results/overhead_vs_flower.json.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,18 +40,16 @@ import time
 import uuid
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from flower_env import FLOWER_READY, FLOWER_VENV, ensure_flower_venv, flower_bin, flower_process_env, flwr_ls  # noqa: E402
+from harness import BENCH_DIR, PROJECT_PYTHON, REPO, RESULTS, command_line, kill_processes, log, record_problems  # noqa: E402
+
 FLOWER_APP = BENCH_DIR / "flower_app"
-FLOWER_VENV = BENCH_DIR / ".venv-flower"
-FLOWER_READY = FLOWER_VENV / ".bench-ready"
-RESULTS_JSON = BENCH_DIR / "results" / "overhead_vs_flower.json"
-FEDADAPT_BIN = REPO_ROOT / ".venv" / "bin" / "fedadapt"
-FEDADAPT_PY = REPO_ROOT / ".venv" / "bin" / "python"
+RESULTS_JSON = RESULTS / "overhead_vs_flower.json"
+FEDADAPT_BIN = PROJECT_PYTHON.parent / "fedadapt"
 FEDADAPT_CONFIG = BENCH_DIR / "trivial.toml"
 
-TORCH_PIN = "torch==2.13.0"
-FLWR_PIN = "flwr[simulation]==1.42.0"
 LOCAL_SUPERLINK_PORT = 39091
 NUM_CLIENTS = 10
 NUM_ROUNDS = 5
@@ -72,16 +66,12 @@ WORKLOAD = {
 }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------ psutil bootstrap
 
 try:
     import psutil  # noqa: F401
 except ImportError:  # pragma: no cover - only when run with a python lacking psutil
-    _fpy = FLOWER_VENV / "bin" / "python"
+    _fpy = flower_bin("python")
     if os.environ.get("_OVERHEAD_BENCH_REEXEC") or not FLOWER_READY.exists():
         sys.exit("psutil is missing: run this with the project venv, e.g. "
                  ".venv/bin/python benchmarks/overhead_vs_flower.py ...")
@@ -90,55 +80,9 @@ except ImportError:  # pragma: no cover - only when run with a python lacking ps
     os.execv(str(_fpy), [str(_fpy), *sys.argv])
 
 import psutil  # noqa: E402
-
-sys.path.insert(0, str(BENCH_DIR))
-from measure import measure, summarize  # noqa: E402
-
-
-# --------------------------------------------------------------- flower venv
-
-def _venv_bin(name: str) -> Path:
-    return FLOWER_VENV / "bin" / name
-
-
-def ensure_flower_venv() -> Path:
-    """Create benchmarks/.venv-flower on first use; return its python."""
-    py = _venv_bin("python")
-    if FLOWER_READY.exists() and py.exists():
-        return py
-    log(f"[setup] creating Flower virtualenv at {FLOWER_VENV} (first use; ~1-3 min)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(FLOWER_VENV)], check=True)
-    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
-    # torch FIRST and pinned: resolves to the local CPU wheel (pip find-links); a bare
-    # `torch` (or letting another package pull it in) would fetch the CUDA build.
-    log(f"[setup] pip install {TORCH_PIN}")
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    out = subprocess.run([str(py), "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    log(f"[setup] torch in Flower venv: {out}")
-    if not out.endswith("None"):
-        log("[setup] WARNING: the installed torch is a CUDA build (expected +cpu)")
-    log(f"[setup] pip install {FLWR_PIN} psutil")
-    subprocess.run([*pip, FLWR_PIN, "psutil", TORCH_PIN], check=True)  # keep torch pinned
-    FLOWER_READY.write_text("ok\n")
-    return py
-
+from measure import matching_processes, measure, summarize  # noqa: E402
 
 # ----------------------------------------------------------- process control
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _tree(p: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return [p]
-
 
 def local_superlinks() -> list[psutil.Process]:
     """Processes serving the local simulation SuperLink (port 39091)."""
@@ -162,18 +106,7 @@ def local_superlinks() -> list[psutil.Process]:
 
 def tagged_processes(tag_value: str | None = None) -> list[psutil.Process]:
     """Processes started by this benchmark (env has TAG_KEY[=tag_value])."""
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    out = []
-    for p in psutil.process_iter():
-        if p.pid in me:
-            continue
-        try:
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if TAG_KEY in env and (tag_value is None or env[TAG_KEY] == tag_value):
-            out.append(p)
-    return out
+    return matching_processes(match_env=(TAG_KEY, tag_value))
 
 
 def flower_venv_processes() -> list[psutil.Process]:
@@ -199,50 +132,11 @@ def flower_venv_processes() -> list[psutil.Process]:
     return out
 
 
-def kill_processes(procs: list[psutil.Process], grace: float = 5.0) -> list[str]:
-    """SIGTERM, wait up to ``grace`` s, then SIGKILL; includes descendants. Returns descriptions."""
-    allp: dict[int, psutil.Process] = {}
-    for p in procs:
-        for q in _tree(p):
-            if q.pid != os.getpid():
-                allp.setdefault(q.pid, q)
-    desc = []
-    for q in allp.values():
-        cl = " ".join(_cmdline(q))[:120]
-        desc.append(f"{q.pid}: {cl}")
-        try:
-            q.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(allp.values()), timeout=grace)
-    for q in alive:  # e.g. ray::DashboardAgent ignores SIGTERM (Flower notes P4)
-        try:
-            q.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return desc
-
-
 # ------------------------------------------------------------------- flower
 
-def flower_env(work: Path, tag: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
-        env.pop(k, None)
-    env.update({
-        "PATH": f"{FLOWER_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-        "VIRTUAL_ENV": str(FLOWER_VENV),
-        "FLWR_HOME": str(work / "flwr_home"),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_TMPDIR": str(work / "ray"),
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-        TAG_KEY: tag,
-    })
-    return env
+def flower_run_env(work: Path, tag: str) -> dict[str, str]:
+    """A Flower run's environment: FLWR_HOME and RAY_TMPDIR under ``work``, tagged with ``tag``."""
+    return flower_process_env(work / "flwr_home", RAY_TMPDIR=str(work / "ray"), **{TAG_KEY: tag})
 
 
 def _flower_match(cmdline: list[str]) -> bool:
@@ -251,18 +145,6 @@ def _flower_match(cmdline: list[str]) -> bool:
         return True
     venv = str(FLOWER_VENV)
     return any(venv in a for a in cmdline[:3])
-
-
-def _flwr_ls(env: dict[str, str]) -> dict:
-    try:
-        r = subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"],
-                           env=env, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return {"success": False, "error": "flwr ls timed out"}
-    try:
-        return json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "raw_stdout": r.stdout[-2000:], "raw_stderr": r.stderr[-2000:]}
 
 
 SAMPLE_INTERVAL = 0.1  # seconds; --interval
@@ -274,7 +156,7 @@ def _start_local_superlink(env: dict[str, str]) -> float:
     """Start the local SuperLink outside the measurement (any `flwr` command against
     the `local` connection spawns it); return the seconds it took."""
     t0 = time.perf_counter()
-    subprocess.run([str(_venv_bin("flwr")), "ls", "local", "--format", "json"], env=env,
+    subprocess.run([str(flower_bin("flwr")), "ls", "local", "--format", "json"], env=env,
                    capture_output=True, timeout=120)
     if not local_superlinks():
         raise RuntimeError("could not pre-start the local SuperLink")
@@ -284,9 +166,9 @@ def _start_local_superlink(env: dict[str, str]) -> float:
 def run_flower_once(work: Path, timeout: float, warm_superlink: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex
-    env = flower_env(work, tag)
+    env = flower_run_env(work, tag)
     model_path = work / "out" / "final_model.pt"
-    cmd = [str(_venv_bin("flwr")), "run", str(FLOWER_APP), "local", "--stream",
+    cmd = [str(flower_bin("flwr")), "run", str(FLOWER_APP), "local", "--stream",
            "--federation-config", f"num-supernodes={NUM_CLIENTS}",
            "-c", f"num-server-rounds={NUM_ROUNDS} num-clients={NUM_CLIENTS} out-path='{model_path}'"]
 
@@ -301,7 +183,7 @@ def run_flower_once(work: Path, timeout: float, warm_superlink: bool = False) ->
     log_path = work / "flwr_run.log"
     with open(log_path, "wb") as lf:
         res = measure(cmd, env=env, match=_flower_match, match_env=(TAG_KEY, tag),
-                      cwd=str(REPO_ROOT), timeout=timeout, stdout=lf, stderr=subprocess.STDOUT,
+                      cwd=str(REPO), timeout=timeout, stdout=lf, stderr=subprocess.STDOUT,
                       interval=SAMPLE_INTERVAL, pss_interval=PSS_INTERVAL)
     res["cmd"] = cmd
     res["superlink"] = "warm" if warm_superlink else "cold"
@@ -310,7 +192,7 @@ def run_flower_once(work: Path, timeout: float, warm_superlink: bool = False) ->
 
     # ---- verify (P5: `flwr run --stream` exits 0 even when the run failed)
     problems = []
-    ls = _flwr_ls(env)
+    ls = flwr_ls(env, "local")
     runs = ls.get("runs") or []
     statuses = [r.get("status") for r in runs]
     res["flwr_ls_status"] = statuses
@@ -343,13 +225,7 @@ def run_flower_once(work: Path, timeout: float, warm_superlink: bool = False) ->
     remaining = [p.pid for p in tagged_processes(tag) + flower_venv_processes()]
     if remaining:
         problems.append(f"processes still alive after cleanup: {remaining}")
-
-    res["ok"] = not problems
-    res["problems"] = problems
-    if problems:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        log(f"[flower] run FAILED: {problems}\n--- tail of {log_path} ---\n{tail}")
-    return res
+    return record_problems(res, problems, "flower", log_path)
 
 
 # ----------------------------------------------------------------- fedadapt
@@ -367,10 +243,10 @@ def run_fedadapt_once(work: Path, timeout: float) -> dict:
     env[TAG_KEY] = tag
     if FEDADAPT_COLD_CACHE:  # no stored partition: this run imports flwr-datasets and computes it
         env["FEDADAPT_CACHE"] = tempfile.mkdtemp(prefix="fa-cache-", dir=work)
-    cmd = [str(FEDADAPT_BIN), "simulate", str(FEDADAPT_CONFIG.relative_to(REPO_ROOT)), "--out", str(out_dir)]
+    cmd = [str(FEDADAPT_BIN), "simulate", str(FEDADAPT_CONFIG.relative_to(REPO)), "--out", str(out_dir)]
     log_path = work / "fedadapt.log"
     with open(log_path, "wb") as lf:
-        res = measure(cmd, env=env, match=None, match_env=(TAG_KEY, tag), cwd=str(REPO_ROOT),
+        res = measure(cmd, env=env, match=None, match_env=(TAG_KEY, tag), cwd=str(REPO),
                       timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, interval=SAMPLE_INTERVAL,
                       pss_interval=PSS_INTERVAL)
     res["cmd"] = cmd
@@ -386,56 +262,19 @@ def run_fedadapt_once(work: Path, timeout: float) -> dict:
     if stray:
         res["stray_killed"] = stray
         problems.append(f"left processes running after exit: {stray}")
-    res["ok"] = not problems
-    res["problems"] = problems
-    if problems:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        log(f"[fedadapt] run FAILED: {problems}\n--- tail of {log_path} ---\n{tail}")
-    return res
+    return record_problems(res, problems, "fedadapt", log_path)
 
 
 # ------------------------------------------------------------------ machine
 
-def _py_facts(python: Path, mods: list[str]) -> dict:
-    code = ("import json, sys, importlib\n"
-            "d = {'python': sys.version.split()[0]}\n"
-            f"for m in {mods!r}:\n"
-            "    try:\n"
-            "        d[m] = importlib.import_module(m).__version__\n"
-            "    except Exception as e:\n"
-            "        d[m] = None\n"
-            "print(json.dumps(d))\n")
-    try:
-        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
-        return json.loads(r.stdout)
-    except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)}
-
-
 def machine_facts(flower: bool, fedadapt: bool) -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts = {
-        "hostname": socket.gethostname(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "mem_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "kernel": platform.release(),
-        "runner_python": sys.version.split()[0],
-        "psutil": psutil.__version__,
-    }
-    if fedadapt and FEDADAPT_PY.exists():
-        facts["fedadapt_venv"] = _py_facts(FEDADAPT_PY, ["fedadapt", "torch"])
+    """The machine (harness.machine_facts), psutil's version and those of the venvs that ran."""
+    venvs = {}
+    if fedadapt and PROJECT_PYTHON.exists():
+        venvs["fedadapt_venv"] = (PROJECT_PYTHON, ["fedadapt", "torch"])
     if flower:
-        facts["flower_venv"] = _py_facts(_venv_bin("python"), ["flwr", "torch", "ray"])
-    return facts
+        venvs["flower_venv"] = (flower_bin("python"), ["flwr", "torch", "ray"])
+    return {**harness.machine_facts(**venvs), "psutil": psutil.__version__}
 
 
 # ------------------------------------------------------------------- report
@@ -487,46 +326,16 @@ def ratios(sides: dict) -> dict | None:
     return out or None
 
 
-def write_json(data: dict) -> None:
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS_JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, RESULTS_JSON)
-
-
 # --------------------------------------------------------------------- main
 
 IDLE_WAIT_S = 120.0    # --idle-wait
 IDLE_THRESHOLD = 0.25  # --idle-threshold (busy cores)
 
 
-def busy_cores(period: float = 1.0) -> float:
-    """How many cores the whole machine kept busy over ``period`` seconds."""
-    a = psutil.cpu_times()
-    time.sleep(period)
-    b = psutil.cpu_times()
-    idle = (b.idle + getattr(b, "iowait", 0)) - (a.idle + getattr(a, "iowait", 0))
-    total = sum(b) - sum(a)
-    ncpu = psutil.cpu_count() or 1
-    return max(0.0, round(ncpu * (1 - idle / total), 2)) if total > 0 else 0.0
-
-
 def wait_for_quiet(name: str) -> dict:
     """Wait (up to IDLE_WAIT_S) until the machine is idle, so other work does not inflate wall."""
-    t0 = time.monotonic()
-    busy = busy_cores()
-    warned = False
-    while busy > IDLE_THRESHOLD and time.monotonic() - t0 < IDLE_WAIT_S:
-        if not warned:
-            log(f"[{name}] machine busy ({busy} cores used by other processes); "
-                f"waiting up to {IDLE_WAIT_S:.0f}s for it to go quiet ...")
-            warned = True
-        time.sleep(2)
-        busy = busy_cores()
-    if busy > IDLE_THRESHOLD:
-        log(f"[{name}] WARNING: still {busy} cores busy; measuring anyway (wall will be inflated)")
-    return {"pre_run_busy_cores": busy, "waited_for_quiet_s": round(time.monotonic() - t0, 1),
-            "loadavg_1m": os.getloadavg()[0]}
+    q = harness.wait_for_quiet(name, IDLE_WAIT_S, IDLE_THRESHOLD)
+    return {"pre_run_busy_cores": q.busy_cores, "waited_for_quiet_s": q.waited_s, "loadavg_1m": q.loadavg_1m}
 
 
 def run_side(name: str, once, repeats: int, warmup: int, base: Path, timeout: float) -> dict:
@@ -585,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         RESULTS_JSON = args.json.resolve()
 
-    exact_cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    exact_cmd = command_line()
+    started = harness.utc_now()
     sides: dict[str, dict] = {}
     fedadapt_skip = "--skip-fedadapt" if args.skip_fedadapt else fedadapt_missing()
     if fedadapt_skip and not args.skip_fedadapt:
@@ -648,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "sides": sides,
         "ratios_fedadapt_over_flower": ratios(sides),
     }
-    write_json(data)
+    harness.write_json(RESULTS_JSON, data)
 
     fv, av = facts.get("flower_venv", {}), facts.get("fedadapt_venv", {})
     print(f"## fedadapt vs Flower: framework overhead ({NUM_CLIENTS} clients, {NUM_ROUNDS} rounds, "

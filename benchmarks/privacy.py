@@ -27,21 +27,25 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-FEDADAPT = Path(sys.executable).parent / "fedadapt"
+from harness import REPO, simulate_cmd, write_json
+
 SCENARIOS = {"fedavg": "simulations/quickstart.toml", "fedsb": "simulations/fedsb.toml"}
 # uploaded numbers per client: LoRA r=8 on query/value of 6 layers + head; Fed-SB r=16 cores + head
 QUICKSTART_PARAMS = {"fedavg": 12 * 2 * 8 * 384 + 3 * 384 + 3, "fedsb": 12 * 16 * 16 + 3 * 384 + 3}
 
 
+def run_simulate(scenario: str, out: str, overrides: list[str]) -> None:
+    """`fedadapt simulate` of a scenario of this repository into `out`; a failure ends the benchmark."""
+    cmd = simulate_cmd(REPO / scenario, out, overrides)
+    r = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+
+
 def simulate(scenario: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(FEDADAPT), "simulate", str(ROOT / scenario), "--out", out]
-        cmd += [a for o in overrides for a in ("--set", o)]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+        run_simulate(scenario, out, overrides)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((Path(out) / "summary.json").read_text())
     refused = sum(1 for row in rows for p in row["per_client"].values() if "privacy budget" in p["reason"])
@@ -67,7 +71,6 @@ SECAGG_SCENARIOS = {
 
 def secagg_pair(name: str, rounds: int, clients: int) -> dict:
     """`name`'s scenario for `rounds` rounds, plain and masked: bytes, seconds, and how far the models differ."""
-    import torch
     from safetensors.torch import load_file
 
     scenario, extra = SECAGG_SCENARIOS[name]
@@ -77,11 +80,7 @@ def secagg_pair(name: str, rounds: int, clients: int) -> dict:
     out, models = {}, {}
     for on in (False, True):
         with tempfile.TemporaryDirectory() as d:
-            cmd = [str(FEDADAPT), "simulate", str(ROOT / scenario), "--out", d]
-            cmd += [a for o in [*common, f"privacy.secure_aggregation={str(on).lower()}"] for a in ("--set", o)]
-            r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+            run_simulate(scenario, d, [*common, f"privacy.secure_aggregation={str(on).lower()}"])
             rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
             models[on] = load_file(Path(d) / "model.safetensors")
             acc = json.loads((Path(d) / "summary.json").read_text())["accuracy"]
@@ -135,7 +134,7 @@ def main() -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every accuracy run (e.g. strategy.init_upload=gradient)")
     args = ap.parse_args()
-    out = ROOT / args.out
+    out = REPO / args.out
     results = json.loads(out.read_text()) if out.is_file() else {}
     common = [f"rounds={args.rounds}", f"clients_per_round={args.clients_per_round}", "eval.every=1000",
               f"eval.final_max_examples={args.final_examples}"]
@@ -151,7 +150,7 @@ def main() -> None:
                 print(f"{name} epsilon {eps}: accuracy {row['accuracy']:.3f} (unseen {row['accuracy_unseen']:.3f}), "
                       f"spent {row['epsilon_max_spent']}, refused {row['refused_budget']}, {row['wall_s']:.0f}s",
                       flush=True)
-                out.write_text(json.dumps({**results, "args": vars(args)}, indent=2, default=str))
+                write_json(out, {**results, "args": vars(args)})
     if args.skip_secagg:
         return
     if args.secagg_strategies:
@@ -163,7 +162,7 @@ def main() -> None:
                   f"{p['plain']['seconds_per_round']:.2f} -> {p['masked']['seconds_per_round']:.2f} s/round, "
                   f"largest model difference {p['max_model_difference']:.2e}", flush=True)
             results["nproc"] = os.cpu_count()
-            out.write_text(json.dumps(results, indent=2, default=str))
+            write_json(out, results)
         return
     if args.secagg_micro_only:  # masking cost alone, for both adapters of the quickstart task
         micro = [masking_cost(n, k) for n in (QUICKSTART_PARAMS["fedavg"], QUICKSTART_PARAMS["fedsb"])
@@ -173,8 +172,7 @@ def main() -> None:
                   f"client, unmask {m['unmask_s_per_round'] * 1e3:.1f} ms per round", flush=True)
         results["secure_aggregation_micro"] = micro
         results["nproc"] = os.cpu_count()
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=str))
+        write_json(out, results)
         return
     sa = {}
     for on in (False, True):
@@ -185,9 +183,7 @@ def main() -> None:
     from safetensors.torch import load_file  # the adapter size of the quickstart
 
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([str(FEDADAPT), "simulate", str(ROOT / SCENARIOS["fedavg"]), "--out", d, "--set", "rounds=1",
-                        "--set", "clients_per_round=1", "--set", "eval.final_max_examples=10"], cwd=str(ROOT),
-                       capture_output=True, check=True)
+        run_simulate(SCENARIOS["fedavg"], d, ["rounds=1", "clients_per_round=1", "eval.final_max_examples=10"])
         params = sum(t.numel() for t in load_file(Path(d) / "model.safetensors").values())
     sa["micro"] = masking_cost(params, args.clients_per_round)
     results["secure_aggregation"] = sa
@@ -198,8 +194,7 @@ def main() -> None:
           f"unmask {sa['micro']['unmask_s_per_round'] * 1e3:.1f} ms/round ({params} parameters)")
     results["args"] = vars(args)
     results["nproc"] = os.cpu_count()
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import measure  # noqa: E402
+from harness import REPO, command_line, measure_simulate, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-FEDADAPT = Path(sys.executable).parent / "fedadapt"
 CENTRALIZED = ["data.partition=iid", "data.num_clients=1", "clients_per_round=1", "rounds=1",
                "train.local_steps=200", "train.batch_size=32", "train.optimizer=adamw", "train.lr=0.001",
                "train.lr_final=-1.0"]
@@ -32,11 +29,7 @@ CENTRALIZED = ["data.partition=iid", "data.num_clients=1", "clients_per_round=1"
 
 def run(seed: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(FEDADAPT), "simulate", str(ROOT / "simulations/quickstart.toml"), "--out", out,
-               "--set", f"seed={seed}"] + [a for o in overrides for a in ("--set", o)]
-        r = measure(cmd, env={**os.environ}, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if r["rc"] != 0:
-            sys.exit(f"failed (exit {r['rc']}): {' '.join(cmd)}")
+        r = measure_simulate(REPO / "simulations/quickstart.toml", out, [f"seed={seed}", *overrides])
         return {**json.loads((Path(out) / "summary.json").read_text()), "wall_s": r["wall_s"],
                 "peak_rss_mb": r["peak_rss_mb"]}
 
@@ -48,7 +41,7 @@ def main() -> None:
     results = {"federated": [run(s, []) for s in args.seeds], "centralized": [run(s, CENTRALIZED) for s in args.seeds]}
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     fed = results["federated"]
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}   (nproc={os.cpu_count()})")
+    print(f"command: {command_line(Path(sys.executable).name)}   (nproc={os.cpu_count()})")
     print(f"medians over seeds {args.seeds}; accuracy on 1000 held-out examples per set\n")
     print("| setting | held-out lines of training roles | roles never trained on | wall time of the command |")
     print("|---|---|---|---|")
@@ -58,9 +51,7 @@ def main() -> None:
         print(f"| {label} | {med(rows, 'accuracy'):.3f} | {med(rows, 'accuracy_unseen'):.3f} | {med(rows, 'wall_s'):.0f} s |")
     print("\nper seed (federated held-out / unseen): "
           + ", ".join(f"{s}: {r['accuracy']:.3f} / {r['accuracy_unseen']:.3f}" for s, r in zip(args.seeds, fed)))
-    out = ROOT / "benchmarks/results/quickstart_accuracy.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"seeds": args.seeds, **results}, indent=2))
+    write_json(REPO / "benchmarks/results/quickstart_accuracy.json", {"seeds": args.seeds, **results})
 
 
 if __name__ == "__main__":

@@ -34,10 +34,9 @@ import time
 from pathlib import Path
 
 import torch
+from harness import REPO, RESULTS, command_line, write_json
 from rich.console import Console
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(tempfile.mkdtemp(prefix="shared_seed-"))  # run directories and the generated data file
 CHARS = "abcdefghijklmnopqrstuvwxyz ,.;:!?'"
 
@@ -175,7 +174,7 @@ def quickstart(args) -> dict:
     base = [f"rounds={args.rounds}", f"clients_per_round={args.clients}", "eval.every=1000",
             "eval.max_examples=100", f"eval.final_max_examples={args.eval_examples}"]
     return {"task": "quickstart (MiniLM + LoRA r=8, genre)", "rounds": args.rounds, "clients_per_round": args.clients,
-            "runs": compare(args, ROOT / "simulations" / "quickstart.toml", base, "quickstart")}
+            "runs": compare(args, REPO / "simulations" / "quickstart.toml", base, "quickstart")}
 
 
 def report(args) -> None:
@@ -228,11 +227,11 @@ def main() -> None:
     if args.part == "report":
         return report(args)
     result = {"throughput": throughput, "charlm": charlm, "quickstart": quickstart}[args.part](args)
-    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    result["command"] = command_line(Path(sys.executable).name)
     result["nproc"] = os.cpu_count()
     result["load_avg_at_end"] = os.getloadavg()[0]
     out = args.out or RESULTS / f"shared_seed_{args.part}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"written {out}")
 
 
