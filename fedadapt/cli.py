@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a config key, e.g. --set rounds=2 --set train.lr=0.05")
     sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/)")
     sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    sim.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
+                     help="where clients train and the server evaluates (overrides model.device)")
     sim.add_argument("--transport", choices=("inprocess", "grpc"), default="inprocess",
                      help="grpc: a real coordinator and virtual clients over gRPC on 127.0.0.1")
 
@@ -35,6 +37,18 @@ def main(argv: list[str] | None = None) -> int:
 
     report = sub.add_parser("report", help="plot a run's metrics.jsonl to curves.png")
     report.add_argument("run_dir", type=Path)
+
+    export = sub.add_parser("export", help="write a run's global model as a peft adapter or a merged model folder",
+                            description="Write a run's global model as a standard peft LoRA adapter (--format peft: "
+                                        "adapter_config.json, adapter_model.safetensors, the tokenizer) or as the "
+                                        "base model with the adapter merged in (--format merged), loadable by "
+                                        "transformers and peft alone.",
+                            epilog="example: fedadapt export runs/chat-tiny-20261207-101500 --format peft --out "
+                                   "my-adapter")
+    export.add_argument("run_dir", type=Path, help="a run directory (config.toml and model.safetensors)")
+    export.add_argument("--format", choices=("peft", "merged"), default="peft",
+                        help="peft: an adapter for the base model (default); merged: a full model folder")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
 
     from fedadapt.client import cli as client_cli
     from fedadapt.server import cli as server_cli
@@ -66,7 +80,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fedadapt.core.config import load_config
 
     if args.command == "simulate":
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + ([f'model.device="{args.device}"'] if args.device else []))
         _quiet_libraries()
         import torch
 
@@ -97,6 +111,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedadapt.simulation.report import plot_run
 
         print(plot_run(args.run_dir))
+        return 0
+    if args.command == "export":
+        from fedadapt.export import export
+
+        print(f"{args.format} model written to {export(args.run_dir, args.format, args.out)}")
         return 0
     raise AssertionError(args.command)
 

@@ -67,7 +67,7 @@ def reference(tmp_path_factory):
             root = tmp_path_factory.mktemp("reference")
             (root / "run.toml").write_text(toml)
             Deployment(root, "unused", tls=False).cli("simulate", root / "run.toml", "--out", root / "out",
-                                                      "--threads", "1")
+                                                      "--threads", "1", timeout=600)
             cache[toml] = load_file(root / "out" / "model.safetensors")
         return cache[toml]
 

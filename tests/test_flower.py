@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat import chat_file, chat_toml, tiny_lm  # tests/chat.py
 from deploy import REPO, lora_run_toml, tiny_text_file  # tests/deploy.py
 from safetensors.torch import load_file
 
@@ -61,6 +62,28 @@ def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(
     assert {r["strategy"]["global_rank"] for r in rows[1]} != {12.0}  # mixed ranks 2 and 4 were stacked
     sim_s, fl_s = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("sim", "flower"))
     assert sim_s["accuracy"] == fl_s["accuracy"] and sim_s["loss"] == fl_s["loss"]
+
+
+def test_a_causal_lm_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(run_flower, tmp_path):
+    # Fed-SB on a tiny GPT-2 (Conv1D layers): the causal-lm task, its init round and R averaging, through Flower
+    cfg = tmp_path / "chat.toml"
+    cfg.write_text(chat_toml(tiny_lm(tmp_path / "gpt2", "gpt2"), chat_file(tmp_path / "chats.jsonl"), rounds=3,
+                             clients_per_round=3, strategy='name = "fedsb"\ninit_samples = 8', generate=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert fedadapt_main(["simulate", str(cfg), "--out", str(tmp_path / "sim")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = run_flower(["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
+    assert r.returncode == 0, r.stdout[-4000:]
+    sim, fl = load_file(tmp_path / "sim" / "model.safetensors"), load_file(tmp_path / "flower" / "model.safetensors")
+    assert sim.keys() == fl.keys() and any(k.endswith("lorasb_R") for k in sim)
+    assert all(torch.equal(sim[k], fl[k]) for k in sim)
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("sim", "flower")]
+    assert [r["perplexity"] for r in rows[0]] == [r["perplexity"] for r in rows[1]]
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["perplexity"] > 0
 
 
 def test_uploads_through_flower_get_the_engines_checks(run_flower, tmp_path):

@@ -22,9 +22,12 @@ def add_parsers(sub) -> None:
                        help="folder with name, token and ca.crt (from `fedadapt clients add`)")
     start.add_argument("--insecure", action="store_true", help="plain-text connection (coordinator --insecure)")
     data = start.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", type=Path, help="this machine's examples: a .jsonl or .csv file")
+    data.add_argument("--data", type=Path, help="this machine's examples: a .jsonl or .csv file (a causal-lm run: "
+                                                "a .jsonl of conversations)")
     data.add_argument("--partition", help="demo/test: train on partition ID of the run's own bundled dataset")
     start.add_argument("--model", help="where the run's base model is on this machine (HF directory)")
+    start.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
+                       help="where this machine trains (overrides the run's model.device)")
     start.add_argument("--state-dir", type=Path,
                        help="where this client keeps its privacy ledger and secure-aggregation key "
                             "(default: the credentials folder)")
@@ -59,7 +62,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
     def make_workload(spec):
         return build_workload(spec, partition=args.partition, data_file=args.data, model_source=args.model,
-                              state=state)
+                              device=args.device, state=state)
 
     if args.max_lora_rank > 0:
         capabilities["max_lora_rank"] = args.max_lora_rank

@@ -19,10 +19,12 @@ from fedadapt.client.state import ClientState
 from fedadapt.core.config import RunConfig, from_dict
 from fedadapt.core.errors import ConfigError, DataError
 from fedadapt.data import load_file
+from fedadapt.data.chat import load_chats
 from fedadapt.data.tasks import client_partitions, load_task
 from fedadapt.models.build import build_model
 from fedadapt.models.classifier import Features
 from fedadapt.runtime.executor import Executor
+from fedadapt.runtime.setup import featurize, model_config
 from fedadapt.strategies.base import ClientRecipe
 from fedadapt.strategies.private import PrivateRecipe
 from fedadapt.strategies.registry import recipe_for
@@ -35,13 +37,16 @@ class Workload:
 
 
 def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_file: Path | None = None,
-                   model_source: str | None = None, state: ClientState | None = None) -> Workload:
+                   model_source: str | None = None, device: str | None = None,
+                   state: ClientState | None = None) -> Workload:
     cfg = from_dict(RunConfig, spec["config"])
     recipe = _private_recipe(recipe_for(cfg.strategy["name"]), cfg, str(spec.get("run_id", "")), state)
-    if model_source:
+    if model_source:  # where the base is on this machine
         cfg = replace(cfg, model=replace(cfg.model, source=model_source))
+    if device:  # this machine's accelerator, whatever the run's default
+        cfg = replace(cfg, model=replace(cfg.model, device=device))
     labels = list(spec["label_names"])
-    loaded = build_model(cfg, len(labels), int(spec.get("input_dim", 0)))
+    loaded = build_model(model_config(cfg), len(labels), int(spec.get("input_dim", 0)))
     if partition is not None:
         task = load_task(cfg)
         parts = client_partitions(cfg, task)
@@ -51,7 +56,9 @@ def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_f
         if partition not in parts:
             raise DataError(f"partition {partition!r} does not exist in this run's dataset "
                             f"({len(parts)} clients: {_examples(list(parts))})")
-        data = loaded.featurize(task.train.features, task.train.labels).subset(parts[partition])
+        data = featurize(loaded, task.train.subset(parts[partition]))
+    elif data_file is not None and cfg.model.task == "causal-lm":  # this machine's conversations, all of them
+        data = featurize(loaded, load_chats(data_file, group_field="", test_fraction=0.0, seed=cfg.seed).train)
     elif data_file is not None:
         own = load_file(data_file, text_field=cfg.data.text_field, label_field=cfg.data.label_field,
                         test_fraction=0.0, seed=cfg.seed).train
@@ -63,7 +70,9 @@ def build_workload(spec: dict[str, Any], *, partition: str | None = None, data_f
     else:
         raise DataError("a client needs --data FILE or --partition ID")
     if len(data) == 0:
-        raise DataError("this client has no training examples")
+        raise DataError("this client has no training examples" + (
+            f" (every conversation is longer than model.max_length = {cfg.model.max_length} without a response "
+            "token left)" if cfg.model.task == "causal-lm" else ""))
     return Workload(Executor(loaded.model, recipe), data)
 
 

@@ -41,8 +41,14 @@ def option(default: Any, *, choices: tuple = (), gt: float | None = None, ge: fl
 @dataclass
 class ModelConfig(Section):
     source: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2), "tiny-llama", "mlp", or a HF model directory
-    max_length: int = option(64, gt=0)  # tokens per text example
+    task: str = option("classification", choices=("classification", "causal-lm"))  # causal-lm: source is a
+    # causal LM folder (with its tokenizer) fine-tuned on chat data (data.dataset: .jsonl file or folder)
+    max_length: int = option(64, gt=0)  # tokens per example (causal-lm: per conversation, prompt + response)
     hidden: list[int] = option([64], gt=0)  # hidden sizes of the "mlp" model
+    device: str = option("auto", choices=("auto", "cpu", "cuda", "mps"))  # where clients train (and the server
+    # evaluates); auto: CUDA, else MPS, else CPU. Aggregation and the wire are fp32 on the CPU whatever this is
+    dtype: str = option("fp32", choices=("fp32", "bf16", "fp16"))  # the frozen base's precision (adapters: fp32)
+    quantize: str = option("none", choices=("none", "4bit", "8bit"))  # a bitsandbytes base (QLoRA), CUDA only
 
 
 @dataclass
@@ -53,7 +59,8 @@ class AdapterConfig(Section):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = option(0.0, ge=0, lt=1)
-    target_modules: list[str] = option(["query", "value"])
+    target_modules: list[str] = option([])  # empty: what peft uses for the architecture (BERT/MiniLM: query,
+    # value; Llama, Qwen2, Mistral: q_proj, v_proj; GPT-2: c_attn), else q_proj/v_proj, else every linear layer
     keep: float = option(0.5, gt=0, le=1)  # supermask: fraction of each layer's edges the mask keeps (k)
 
     def check(self) -> None:
@@ -95,6 +102,8 @@ class TrainConfig(Section):
     local_epochs: int = option(0, ge=0)  # > 0 replaces local_steps by whole passes over the client's data
     batch_size: int = option(32, gt=0)
     max_grad_norm: float = option(0.0, ge=0)  # 0 disables clipping
+    grad_accum_steps: int = option(1, gt=0)  # micro-batches (of batch_size) per optimizer step
+    gradient_checkpointing: bool = False  # causal-lm: recompute activations in the backward pass (less memory)
 
     def check(self) -> None:
         if self.local_steps <= 0 and self.local_epochs <= 0:
@@ -107,6 +116,9 @@ class EvalConfig(Section):
     max_examples: int = option(256, gt=0)  # fixed seeded subset for per-round evaluation; the final one uses all
     batch_size: int = option(128, gt=0)
     final_max_examples: int = option(0, ge=0)  # cap per held-out set for the final evaluation (seeded); 0: all
+    generate: int = option(32, ge=0)  # causal-lm: held-out prompts answered greedily at the end (ROUGE-L, exact
+    # match; written to generations.jsonl)
+    max_new_tokens: int = option(48, gt=0)  # causal-lm: longest generated answer
 
 
 @dataclass

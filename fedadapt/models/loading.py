@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from fedadapt.core.errors import ModelError
 
+from .causal_lm import ChatFeatures
 from .classifier import ByteTokenizer, Features, MLPClassifier, TextClassifier
 
 BUILTIN = ("minilm", "tiny-llama", "mlp")
@@ -19,13 +20,17 @@ BUILTIN = ("minilm", "tiny-llama", "mlp")
 
 @dataclass
 class LoadedModel:
-    """A classifier plus the function that turns raw examples into its inputs."""
+    """A model plus the function that turns raw examples into its inputs."""
 
     model: torch.nn.Module
-    tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None  # None for vector inputs
+    tokenize: Callable | None  # texts -> token tensors; conversations -> ChatFeatures (causal-lm); None: vectors
     source: str
+    task: str = "classification"  # or "causal-lm"
+    tokenizer: Any = None  # causal-lm: the Hugging Face tokenizer (generation, export)
 
-    def featurize(self, features: list[str] | torch.Tensor, labels: torch.Tensor) -> Features:
+    def featurize(self, features: list | torch.Tensor, labels: torch.Tensor) -> Features | ChatFeatures:
+        if self.task == "causal-lm":
+            return self.tokenize(list(features))
         if self.tokenize is None:
             if not isinstance(features, torch.Tensor):
                 raise ModelError(f"model {self.source!r} takes numeric features, but the dataset holds text")

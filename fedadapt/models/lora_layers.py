@@ -13,25 +13,27 @@ from torch import nn
 from fedadapt.core.errors import ModelError
 
 from .adapters import adapter_state
+from .lorasb import out_in
 
 # A peft LoRA factor's parameter name: <module>.lora_A|B.<adapter>.weight. A and B are told apart by name, never
 # by comparing a dimension with the rank (ambiguous when a layer dimension equals the rank: ALGORITHMS.md §3.5).
 LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.[^.]+\.weight$")
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module, required: bool = True) -> dict[str, nn.Module]:
     """peft LoRA layers by module name (the names the server sees in front of `.lora_A.*`)."""
     from peft.tuners.lora import LoraLayer
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    if not layers:
+    if not layers and required:
         raise ModelError("this strategy needs a LoRA model (adapter.kind = \"lora\")")
     return layers
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The (frozen) base weight of every LoRA-adapted module, by module name; live tensors, not copies."""
-    return {name: layer.get_base_layer().weight for name, layer in lora_layers(model).items()}
+    """The (frozen) base weight of every LoRA-adapted module, by module name, as (out, in): live tensors (views),
+    not copies."""
+    return {name: out_in(layer.get_base_layer()) for name, layer in lora_layers(model).items()}
 
 
 def fresh_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> str:

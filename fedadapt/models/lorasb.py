@@ -31,6 +31,15 @@ class LoraSBLinear(nn.Module):
         return self.base_layer(x) + SCALE * low
 
 
+def out_in(layer: nn.Module, t: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` (default: the layer's weight) as (out_features, in_features), a view: GPT-2's Conv1D stores its
+    weight transposed, (in, out), and everything fedadapt sends or merges is (out, in), as LoRA's B A is."""
+    from transformers.pytorch_utils import Conv1D
+
+    t = layer.weight if t is None else t
+    return t.T if isinstance(layer, Conv1D) else t
+
+
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The base Linear of every adapted module (peft LoRA or already LoRA-SB), by module name."""
     from peft.tuners.lora import LoraLayer

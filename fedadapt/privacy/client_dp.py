@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 
 from fedadapt.core.errors import ModelError
 from fedadapt.core.rng import derive_seed, generator
-from fedadapt.models.lorasb import SCALE, LoraSBLinear, target_linears
+from fedadapt.models.device import device_of, on_device
+from fedadapt.models.lorasb import SCALE, LoraSBLinear, out_in, target_linears
 from fedadapt.models.supermask import Supermask
 
 from .ledger import BUDGET_SLACK, Ledger, calibrate
@@ -122,6 +123,7 @@ class ClientDP:
         p = self.plan_one_step(len(data), samples)
         c = self.settings.max_grad_norm
         bases = target_linears(model)
+        device = device_of(model)
         was = {q: q.requires_grad for q in model.parameters()}
         seen: dict[str, list[torch.Tensor]] = {m: [] for m in bases}  # module -> [input, output gradient]
 
@@ -137,13 +139,13 @@ class ClientDP:
         for lin in bases.values():
             lin.weight.requires_grad_(True)  # so that outputs carry gradients
         idx = (torch.rand(len(data), generator=generator(derive_seed(seed, "poisson"))) < p.sample_rate).nonzero()
-        sums = {m: torch.zeros_like(lin.weight, dtype=torch.float64) for m, lin in bases.items()}
+        sums = {m: torch.zeros_like(out_in(lin), dtype=torch.float64) for m, lin in bases.items()}  # (out, in)
         total = 0.0
         try:
             model.eval()  # no dropout: a deterministic estimate
             for chunk in idx.squeeze(1).split(batch_size):
-                inputs, labels = data.batch(chunk)
-                loss = F.cross_entropy(model(**inputs), labels, reduction="sum")
+                inputs, labels = on_device(data.batch(chunk), device)
+                loss = data.loss(model(**inputs), labels, reduction="sum")
                 loss.backward()
                 total += float(loss.detach())
                 ag = {}
@@ -249,6 +251,7 @@ def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_n
     if bad:
         raise ModelError(f"DP-SGD cannot train this model: {bad[0]}")
     n = len(data)
+    device = device_of(model)
     # opacus multiplies noise by the clip; with noise 0 an infinite clip would give 0 * inf = NaN
     clip = max_grad_norm if math.isfinite(max_grad_norm) else sys.float_info.max
     gsm = supermask or GradSampleModule(model, loss_reduction="mean", strict=False)
@@ -271,8 +274,8 @@ def dp_sgd(model: nn.Module, data: Any, cfg: Any, seed: int, p: Plan, max_grad_n
                     for q in params:
                         q.grad_sample = torch.zeros((0, *q.shape), dtype=q.dtype)
                 else:
-                    inputs, labels = data.batch(idx)
-                    loss = F.cross_entropy(gsm(**inputs), labels)
+                    inputs, labels = on_device(data.batch(idx), device)
+                    loss = data.loss(gsm(**inputs), labels)
                     loss.backward()
                     if supermask:
                         supermask.fill(len(idx))

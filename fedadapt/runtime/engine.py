@@ -59,6 +59,7 @@ class RoundRecord:
     skipped: str | None = None  # why the global state was left unchanged, if it was
     seconds: float = 0.0
     strategy: dict[str, float] = field(default_factory=dict)
+    perplexity: float | None = None  # causal-lm: of the global model on the held-out subset (eval rounds)
     # client -> {"status": accepted|rejected|failed, "reason", "up", "down"} for every client asked: accepted
     # (its result counted), rejected (every result it sent was refused; the first reason), failed (none came);
     # up = every byte it sent this round, down = its task's bytes
@@ -139,6 +140,7 @@ class RoundEngine:
         if self.evaluate is not None and (last or rnd % self.eval_every == 0):
             metrics = self.evaluate(self.state)
             record.accuracy, record.eval_loss = metrics.get("accuracy"), metrics.get("loss")
+            record.perplexity = metrics.get("perplexity")
         record.seconds = time.perf_counter() - start
         return record
 

@@ -88,6 +88,7 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None,
         metrics_file.write(json.dumps({**dataclasses.asdict(rec), "malicious": bad, "available": available}) + "\n")
         metrics_file.flush()
         acc = "" if rec.accuracy is None else f"  accuracy {rec.accuracy:.3f}"
+        acc += "" if rec.perplexity is None else f"  perplexity {rec.perplexity:.2f}"
         loss = "" if rec.loss is None else f"  loss {rec.loss:.4f}"
         note = f"  [red]skipped: {rec.skipped}[/]" if rec.skipped else ""
         if rec.skipped and rec.rejected:  # say why, with the first client's reason
@@ -101,6 +102,8 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None,
                       f"down {_mb(rec.bytes_down)}  {rec.seconds:.1f}s{note}")
         progress.reset(bar, total=per_round, rnd=min(rec.round + 1, cfg.rounds), rounds=cfg.rounds)
 
+    chat = run.task.kind == "causal-lm"
+    base = run.evaluate_base(run.test) if chat else {}  # before any round: LoRA's B = 0, so this is the base
     train_start = time.perf_counter()
     with transport(run, clients, lambda cid: progress.advance(bar)) as carrier, progress:
         c = cfg.coordinator
@@ -114,25 +117,39 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None,
     train_seconds = time.perf_counter() - train_start
 
     save_file({k: v.contiguous() for k, v in state.tensors.items()}, str(out_dir / "model.safetensors"))
-    final = run.evaluate(run.test, state)
-    summary = {
-        "rounds": cfg.rounds,
-        "clients": len(run.clients),
-        "accuracy": final["accuracy"],
-        "loss": final["loss"],
-        "test_examples": len(run.test),
-        "majority_baseline": _majority(run.clients, run.test.labels),
-        "malicious_clients": len(malicious),
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - t0,
-    }
-    if run.test_unseen is not None:
-        summary["accuracy_unseen"] = run.evaluate(run.test_unseen, state)["accuracy"]
-        summary["test_unseen_examples"] = len(run.test_unseen)
-        summary["majority_baseline_unseen"] = _majority(run.clients, run.test_unseen.labels)
+    summary = {"rounds": cfg.rounds, "clients": len(run.clients)}
+    summary.update(_final_chat(run, state, base, out_dir) if chat else _final_classification(run, state))
+    summary.update(malicious_clients=len(malicious), train_seconds=train_seconds,
+                   total_seconds=time.perf_counter() - t0)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _print_summary(console, summary, out_dir)
+    (_print_chat_summary if chat else _print_summary)(console, summary, out_dir)
     return summary
+
+
+def _final_classification(run: setup.Run, state) -> dict:
+    final = run.evaluate(run.test, state)
+    out = {"accuracy": final["accuracy"], "loss": final["loss"], "test_examples": len(run.test),
+           "majority_baseline": _majority(run.clients, run.test.labels)}
+    if run.test_unseen is not None:
+        out["accuracy_unseen"] = run.evaluate(run.test_unseen, state)["accuracy"]
+        out["test_unseen_examples"] = len(run.test_unseen)
+        out["majority_baseline_unseen"] = _majority(run.clients, run.test_unseen.labels)
+    return out
+
+
+def _final_chat(run: setup.Run, state, base: dict, out_dir: Path) -> dict:
+    """Held-out loss and perplexity next to the base model's, and greedy answers to held-out prompts (scored;
+    the samples go to generations.jsonl)."""
+    final = run.evaluate(run.test, state)
+    out = {"loss": final["loss"], "perplexity": final["perplexity"], "token_accuracy": final["token_accuracy"],
+           "base_loss": base["loss"], "base_perplexity": base["perplexity"], "test_examples": len(run.test),
+           "test_tokens": final["tokens"]}
+    if run.cfg.eval.generate > 0:
+        scores, samples = run.generate(run.test, state)
+        out.update(scores)
+        with (out_dir / "generations.jsonl").open("w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    return out
 
 
 def _majority(clients, test_labels: torch.Tensor) -> float:
@@ -152,6 +169,25 @@ def _print_summary(console: Console, s: dict, out_dir: Path) -> None:
         table.add_row(f"clients never trained on ({s['test_unseen_examples']})", f"{s['accuracy_unseen']:.3f}",
                       f"{s['majority_baseline_unseen']:.3f}")
     console.print(table)
+    _print_done(console, s, out_dir)
+
+
+def _print_chat_summary(console: Console, s: dict, out_dir: Path) -> None:
+    table = Table(title=f"final global model: held-out conversations ({s['test_examples']}, "
+                        f"{s['test_tokens']:.0f} response tokens)")
+    for column in ("model", "loss", "perplexity"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    table.add_row("base", f"{s['base_loss']:.3f}", f"{s['base_perplexity']:.2f}")
+    table.add_row("federated", f"{s['loss']:.3f}", f"{s['perplexity']:.2f}")
+    console.print(table)
+    if "rouge_l" in s:
+        console.print(f"greedy answers to {s['generated']:.0f} held-out prompts: ROUGE-L {s['rouge_l']:.3f}, "
+                      f"exact match {s['exact_match']:.3f} (normalised {s['exact_match_normalized']:.3f}); "
+                      f"samples in {out_dir}/generations.jsonl")
+    _print_done(console, s, out_dir)
+
+
+def _print_done(console: Console, s: dict, out_dir: Path) -> None:
     console.print(f"{s['rounds']} rounds in {s['train_seconds']:.0f}s (total {s['total_seconds']:.0f}s); "
                   f"results in {out_dir}/  (plot: fedadapt report {out_dir})")
 

@@ -25,6 +25,7 @@ import torch
 from fedadapt.core.codec import Contract
 from fedadapt.core.config import Section, option
 from fedadapt.core.rng import derive_seed, permutation
+from fedadapt.models.lora_layers import LORA_FACTOR, lora_layers
 from fedadapt.privacy.compat import Support
 from fedadapt.training.loop import evaluate, train_config
 
@@ -76,6 +77,21 @@ class RoundOutcome:
 
 
 @dataclass
+class Exported:
+    """A global state as every LoRA tool knows it (fedadapt.export writes it as a peft adapter or merges it).
+
+    Per adapted module (fedadapt's module name, e.g. `encoder.base_model.model.model.layers.0.self_attn.q_proj`):
+    LoRA factors A (r, in) and B (out, r) with their scaling (the module computes W x + scaling B A x), and a
+    dense change of the base weight (out, in); plus the other trained tensors by parameter name (a classifier's
+    head). `full`: every parameter of the model was trained (no adapter: merged export only)."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: Tensors = field(default_factory=dict)
+    full: bool = False
+
+
+@dataclass
 class RunSettings:
     """What every server strategy needs besides its own options."""
 
@@ -108,6 +124,7 @@ class ServerStrategy(Protocol):
     def sum_contract(self, state: GlobalState) -> Contract: ...
     def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
                       state: GlobalState) -> RoundOutcome: ...
+    def export(self, tensors: Tensors, model: torch.nn.Module) -> Exported: ...
 
 
 class ClientRecipe(Protocol):
@@ -199,6 +216,7 @@ class StrategyBase:
     Options: ClassVar[type]
     Recipe: ClassVar[type]  # its client side
     privacy: ClassVar[Support] = NO_PRIVACY
+    unsupported_tasks: ClassVar[dict[str, str]] = {}  # model.task -> why this strategy cannot train it
     # The simulator's oracle of each client's probability of taking part in a round (it draws availability);
     # FedAU's "known" weighting reads it. No deployment has it.
     known_probabilities: dict[str, float] | None = None
@@ -247,6 +265,24 @@ class StrategyBase:
     def sum_contract(self, state: GlobalState) -> Contract:
         """Secure aggregation: the shapes and dtypes of a client's summand, before masking."""
         return self.upload_contract(state)
+
+    def export(self, tensors: Tensors, model: torch.nn.Module) -> Exported:
+        """The global tensors of this strategy as LoRA factors, base changes and other parameters. By default they
+        are the model's trainable parameters themselves: peft LoRA factors (their scaling read from `model`, the
+        run's model as built) and the rest (a head), or, without LoRA, every parameter (full fine-tuning)."""
+        layers = lora_layers(model, required=False)
+        if not layers:
+            return Exported(params=dict(tensors), full=True)
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        params = {}
+        for name, t in tensors.items():
+            m = LORA_FACTOR.match(name)
+            if m:
+                factors.setdefault(m["module"], {})[m["factor"]] = t
+            else:
+                params[name] = t
+        return Exported({mod: (f["A"], f["B"], float(layers[mod].scaling["default"])) for mod, f in factors.items()},
+                        params=params)
 
     def aggregate_sum(self, rnd: int, total: Tensors, weight: float, results: list[ClientResult],
                       state: GlobalState) -> RoundOutcome:

@@ -22,20 +22,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedadapt.core.codec import Contract, TensorSpec, contract_of
 from fedadapt.core.config import option
 from fedadapt.core.errors import ModelError, PayloadError
 from fedadapt.models.adapters import adapter_state
+from fedadapt.models.device import device_of, on_device
 from fedadapt.models.lora_layers import load_named
-from fedadapt.models.lorasb import attach_lorasb, frozen_factors, lorasb_init, target_linears
+from fedadapt.models.lorasb import SCALE, attach_lorasb, frozen_factors, lorasb_init, out_in, target_linears
 from fedadapt.privacy.compat import Support
 from fedadapt.training.loop import train_config, train_local
 
 from . import base
 from .aggregate import weighted_average, weights
-from .base import ClientResult, GlobalState, RoundOutcome, Task
+from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
 from .lowrank import content_hash, head_of, known, lora_modules, remember, remember_silent
 
 B, A, R, GRAD, SIGNS = ".lorasb_B", ".lorasb_A", ".lorasb_R", ".grad", ".grad_signs"
@@ -116,11 +116,12 @@ def init_gradients(model: torch.nn.Module, data: Any, samples: int, batch_size: 
     total = 0.0
     try:
         for start in range(0, len(subset), batch_size):
-            inputs, labels = subset.batch(torch.arange(start, min(start + batch_size, len(subset))))
-            loss = F.cross_entropy(model(**inputs), labels)
+            batch = subset.batch(torch.arange(start, min(start + batch_size, len(subset))))
+            inputs, labels = on_device(batch, device_of(model))
+            loss = data.loss(model(**inputs), labels)
             loss.backward()
             total += float(loss.detach()) * len(labels)
-        grads = {m + GRAD: lin.weight.grad.detach().clone() for m, lin in bases.items()}
+        grads = {m + GRAD: out_in(lin, lin.weight.grad).detach().clone() for m, lin in bases.items()}
     finally:
         for lin in bases.values():
             lin.weight.requires_grad_(False)
@@ -165,6 +166,15 @@ class FedSB(base.StrategyBase):
         return {c.client_id: base.train_task(self.settings, rnd, c.client_id,
                                              light if known(state.aux, c.client_id, "frozen", 0) else state.tensors,
                                              fedsb_phase="train", fedsb_hash=digest) for c in chosen}
+
+    def export(self, tensors: Tensors, model: torch.nn.Module) -> base.Exported:
+        """LoRA-SB's B R A as LoRA factors: B, and R A (formed in fp64), at the fixed scaling; the head as is."""
+        if not any(k.endswith(R) for k in tensors):
+            raise ModelError("this Fed-SB run never finished its initialisation round: there is no adapter yet")
+        modules = sorted({k[: -len(R)] for k in tensors if k.endswith(R)})
+        factors = {m: ((tensors[m + R].double() @ tensors[m + A].double()).to(tensors[m + A].dtype), tensors[m + B],
+                       SCALE) for m in modules}
+        return base.Exported(factors, params={k: v for k, v in tensors.items() if not k.endswith((B, A, R))})
 
     def upload_contract(self, state: GlobalState) -> Contract:
         if not self.initialised(state):  # only the gradients of the target weights (or their signs) travel

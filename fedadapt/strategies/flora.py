@@ -212,6 +212,12 @@ class Flora(base.StrategyBase):
         head = contract_of({k: v for k, v in state.tensors.items() if not k.endswith(DELTA)})
         return {**head, **factors_contract(self.modules, rank)}
 
+    def export(self, tensors: Tensors, model: torch.nn.Module) -> base.Exported:
+        """The cumulative merged delta D^t of each module is a change of its base weight (the stacks multiply out
+        to it); the head is a parameter."""
+        return base.Exported(base_delta={m: tensors[m + DELTA] for m in self.modules},
+                             params={k: v for k, v in tensors.items() if not k.endswith(DELTA)})
+
     def aggregate(self, rnd: int, results: list[ClientResult], state: GlobalState) -> RoundOutcome:
         p = weights([r.num_examples for r in results], self.options.weighting)
         s = [self.options.alpha_per_rank] * len(results)  # s_k = alpha_k / r_k

@@ -125,6 +125,9 @@ class FRL(StrategyBase):
     Recipe = FRLRecipe
     privacy = Support(central_dp="FRL's vote is a sum of rank positions, not of updates the server could clip: use "
                                  "privacy.dp = 'client'")  # DP-SGD on the scores; positions sum to the reputation
+    unsupported_tasks = {"causal-lm": "FRL votes on rankings of supermask scores (an MLP's, or a classifier's masked "
+                                      "LoRA factors and head), which a causal LM fine-tuned with LoRA does not "
+                                      "have: use fedavg, fedau, flora, fedsb, ferret or zo"}
 
     def init_state(self, spec: ModelSpec) -> GlobalState:
         not_scores = [k for k in spec.initial if not k.endswith(".scores")]

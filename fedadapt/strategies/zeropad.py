@@ -62,6 +62,12 @@ class ZeroPad(base.StrategyBase):
                 tensors[name.rsplit(".", 2)[0]] = t.clone()
         return GlobalState(tensors)
 
+    def export(self, tensors: base.Tensors, model: torch.nn.Module) -> base.Exported:
+        """The global factors at the run's rank and scaling (every client's alpha_k / r_k is the run's)."""
+        scaling = float(model.encoder.peft_config["default"].lora_alpha / self.rank)
+        return base.Exported({m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], scaling) for m in self.modules},
+                             params={k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))})
+
     def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         payloads: dict[int, dict] = {}  # one per rank, so the engine encodes each once
         tasks = {}

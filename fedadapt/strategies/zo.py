@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fedadapt.core.codec import Contract, TensorSpec
 from fedadapt.core.config import option
 from fedadapt.core.errors import ConfigError, PayloadError
 from fedadapt.core.rng import derive_seed, generator, normal
 from fedadapt.models.adapters import adapter_state, load_adapter_state
+from fedadapt.models.device import device_of, on_device
 from fedadapt.training.loop import batches
 
 from . import base
@@ -166,16 +166,17 @@ class ZORecipe(base.RecipeBase):
         else:
             choice = torch.randint(k, (steps,), generator=g)
         grads = torch.zeros(steps, dtype=torch.float32)
-        flat = torch.empty(sum(p.numel() for p in plist))
+        flat = torch.empty(sum(p.numel() for p in plist))  # drawn on the CPU (core/rng.py), moved per step
+        device = device_of(model)
         total, skipped = 0.0, 0
         model.eval()  # no dropout: both evaluations of a step must see the same function
         with torch.no_grad():
             for i, idx in enumerate(batches(len(data), min(int(cfg.get("batch_size", 32)), len(data)), steps,
                                             cfg["seed"])):
-                inputs, labels = data.batch(idx)
+                inputs, labels = on_device(data.batch(idx), device)
                 fill_normal(seeds[int(choice[i])], flat)
-                z = [v.view_as(p).to(p.dtype) for v, p in zip(flat.split([p.numel() for p in plist]), plist)]
-                plus, minus = spsa_step(plist, z, eps, lambda: float(F.cross_entropy(model(**inputs), labels)),
+                z = [v.view_as(p).to(p.device, p.dtype) for v, p in zip(flat.split([p.numel() for p in plist]), plist)]
+                plus, minus = spsa_step(plist, z, eps, lambda: float(data.loss(model(**inputs), labels)),
                                         restore)
                 total += (plus + minus) / 2
                 if not (math.isfinite(plus) and math.isfinite(minus)) or (clip > 0 and abs(plus - minus) > clip):

@@ -6,16 +6,16 @@ a forked global RNG, so the same task seed gives bit-identical tensors on the sa
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedadapt.core.config import TrainConfig, from_dict
 from fedadapt.core.rng import derive_seed, generator
-from fedadapt.models.classifier import Features
+from fedadapt.models.device import device_of, on_device
 
 _OPTIMIZERS = {"sgd", "adam", "adamw"}
 
@@ -48,39 +48,45 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
-def train_local(model: nn.Module, data: Features, cfg: TrainConfig, seed: int) -> dict[str, float]:
-    """Train the model's trainable parameters in place; returns mean loss, steps and examples seen."""
+def train_local(model: nn.Module, data: Any, cfg: TrainConfig, seed: int) -> dict[str, float]:
+    """Train the model's trainable parameters in place on `data` (a task's features: classification or
+    causal-lm, whose `loss` is the objective); returns mean loss, optimizer steps and examples seen. Each
+    step accumulates `cfg.grad_accum_steps` micro-batches of `cfg.batch_size`."""
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(data)
     batch_size = min(cfg.batch_size, n)
-    steps = cfg.local_epochs * math.ceil(n / batch_size) if cfg.local_epochs > 0 else cfg.local_steps
+    accum = cfg.grad_accum_steps
+    steps = cfg.local_epochs * math.ceil(n / (batch_size * accum)) if cfg.local_epochs > 0 else cfg.local_steps
     optimizer = make_optimizer(params, cfg)
+    device = device_of(model)
     model.train()
     total, seen = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model"))
-        for idx in batches(n, batch_size, steps, seed):
-            inputs, labels = data.batch(idx)
-            loss = F.cross_entropy(model(**inputs), labels)
+        micro = batches(n, batch_size, steps * accum, seed)
+        for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for idx in itertools.islice(micro, accum):
+                inputs, labels = on_device(data.batch(idx), device)
+                loss = data.loss(model(**inputs), labels)
+                (loss / accum if accum > 1 else loss).backward()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
     return {"loss": total / max(seen, 1), "steps": float(steps), "examples": float(seen)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Features, batch_size: int = 128) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over all of `data`."""
+def evaluate(model: nn.Module, data: Any, batch_size: int = 128) -> dict[str, float]:
+    """The task's metrics over all of `data` (classification: mean cross-entropy and accuracy; causal-lm: loss
+    per assistant token, perplexity and token accuracy), from per-batch sums."""
     model.eval()
-    loss, correct = 0.0, 0
+    device = device_of(model)
+    sums: dict[str, float] = {}
     for start in range(0, len(data), batch_size):
-        inputs, labels = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        logits = model(**inputs)
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    n = max(len(data), 1)
-    return {"loss": loss / n, "accuracy": correct / n, "examples": float(len(data))}
+        inputs, labels = on_device(data.batch(torch.arange(start, min(start + batch_size, len(data)))), device)
+        for k, v in data.eval_sums(model(**inputs), labels).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return data.eval_metrics(sums, len(data))
