@@ -107,3 +107,31 @@ def run_flower():
         return subprocess.CompletedProcess(p.args, p.returncode, out, "")
 
     return run
+
+
+@pytest.fixture(scope="session")
+def simulate_both(run_flower):
+    """`simulate_both(scenario, out)`: the scenario through `fedadapt simulate` (one torch thread, as the Flower
+    side) into out/sim and through Flower's simulation runtime into out/flower; returns both final models and
+    both metrics.jsonl row lists."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedadapt.cli import main
+
+    def both(scenario: Path, out: Path):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the Flower side runs with OMP_NUM_THREADS=1: the same kernels, the same bits
+        try:
+            assert main(["simulate", str(scenario), "--out", str(out / "sim")]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        r = run_flower(["-m", "fedadapt.flower.simulate", str(scenario), "--out", str(out / "flower")])
+        assert r.returncode == 0, r.stdout[-4000:]
+        models = [load_file(out / side / "model.safetensors") for side in ("sim", "flower")]
+        rows = [[json.loads(line) for line in (out / side / "metrics.jsonl").read_text().splitlines()]
+                for side in ("sim", "flower")]
+        return (*models, rows)
+
+    return both

@@ -15,9 +15,6 @@ import pytest
 import torch
 from chat import chat_file, chat_toml, tiny_lm  # tests/chat.py
 from deploy import REPO, lora_run_toml, tiny_text_file  # tests/deploy.py
-from safetensors.torch import load_file
-
-from fedadapt.cli import main as fedadapt_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -31,24 +28,12 @@ def scenario(tmp_path: Path, strategy: str, clients_per_round: int) -> Path:
     return path
 
 
-def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(run_flower, tmp_path):
+def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(simulate_both, tmp_path):
     # FLoRA: per-client ranks (per-node messages), catch-up of clients that missed rounds, exact stacking
-    cfg = scenario(tmp_path, 'name = "flora"\nranks = [2, 4]', clients_per_round=3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the Flower side too (OMP_NUM_THREADS=1): the same kernels, the same bits
-    try:
-        assert fedadapt_main(["simulate", str(cfg), "--out", str(tmp_path / "sim")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    r = run_flower(["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
-    assert r.returncode == 0, r.stdout[-4000:]
-
-    sim, fl = load_file(tmp_path / "sim" / "model.safetensors"), load_file(tmp_path / "flower" / "model.safetensors")
+    sim, fl, rows = simulate_both(scenario(tmp_path, 'name = "flora"\nranks = [2, 4]', clients_per_round=3), tmp_path)
     assert sim.keys() == fl.keys()
     for k in sim:  # client order is fixed (the engine aggregates in client-id order), so: bit-identical
         assert sim[k].dtype == fl[k].dtype and torch.equal(sim[k], fl[k]), k
-    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("sim", "flower")]
     assert len(rows[0]) == len(rows[1]) == 4
     # Client-side catch-up counts may differ: in the simulator the server's per-round evaluation shares the
     # clients' model and so already brought its base up to date; the Flower clients' model lives in Ray's
@@ -64,24 +49,14 @@ def test_flora_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(
     assert sim_s["accuracy"] == fl_s["accuracy"] and sim_s["loss"] == fl_s["loss"]
 
 
-def test_a_causal_lm_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(run_flower, tmp_path):
+def test_a_causal_lm_through_flower_simulation_is_bit_identical_to_fedadapt_simulator(simulate_both, tmp_path):
     # Fed-SB on a tiny GPT-2 (Conv1D layers): the causal-lm task, its init round and R averaging, through Flower
     cfg = tmp_path / "chat.toml"
     cfg.write_text(chat_toml(tiny_lm(tmp_path / "gpt2", "gpt2"), chat_file(tmp_path / "chats.jsonl"), rounds=3,
                              clients_per_round=3, strategy='name = "fedsb"\ninit_samples = 8', generate=0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert fedadapt_main(["simulate", str(cfg), "--out", str(tmp_path / "sim")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    r = run_flower(["-m", "fedadapt.flower.simulate", str(cfg), "--out", str(tmp_path / "flower")])
-    assert r.returncode == 0, r.stdout[-4000:]
-    sim, fl = load_file(tmp_path / "sim" / "model.safetensors"), load_file(tmp_path / "flower" / "model.safetensors")
+    sim, fl, rows = simulate_both(cfg, tmp_path)
     assert sim.keys() == fl.keys() and any(k.endswith("lorasb_R") for k in sim)
     assert all(torch.equal(sim[k], fl[k]) for k in sim)
-    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("sim", "flower")]
     assert [r["perplexity"] for r in rows[0]] == [r["perplexity"] for r in rows[1]]
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["perplexity"] > 0
 

@@ -23,6 +23,7 @@ import torch
 from fedadapt.core.errors import DataError
 from fedadapt.data._split import stratified_split
 from fedadapt.data.base import Dataset, TaskData
+from fedadapt.data.files import read_jsonl
 
 ROLES = ("system", "user", "assistant")
 Conversation = list[dict[str, str]]
@@ -63,22 +64,12 @@ def chat_task(name: str, rows: list[tuple[Conversation, str | None]], test_fract
 def _conversations(path: Path, group_field: str | None):
     """(conversation, group or None) for every line of a JSONL file, each checked with its line number."""
     try:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where} is not valid JSON ({e.msg}).") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where} is not a JSON object (one conversation per line is expected).")
-                group = record.get(group_field) if group_field else None
-                if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))
-                                          or not str(group).strip()):
-                    raise DataError(f"{where}: field {group_field!r} must be a non-empty string or an integer.")
-                yield conversation(record, where), None if group is None else str(group)
+        for where, record in read_jsonl(path):
+            group = record.get(group_field) if group_field else None
+            if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))
+                                      or not str(group).strip()):
+                raise DataError(f"{where}: field {group_field!r} must be a non-empty string or an integer.")
+            yield conversation(record, where), None if group is None else str(group)
     except UnicodeDecodeError as e:
         raise DataError(f"Chat data {path} is not UTF-8 text ({e.reason}); save it as UTF-8.") from None
 

@@ -44,7 +44,7 @@ def load_file(
     if suffix not in _SUFFIXES:
         raise DataError(f"Data file {path} has extension {path.suffix!r}; fedadapt reads only .jsonl and .csv files.")
     fields = [text_field, label_field] + ([group_field] if group_field else [])
-    rows = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path, fields)
+    rows = read_jsonl(path) if suffix == ".jsonl" else _read_csv(path, fields)
 
     texts: list[str] = []
     raw_labels: list[str] = []
@@ -93,7 +93,9 @@ def _scalar(value: Any, field: str, where: str) -> str:
     return str(value)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every non-blank line of a JSONL file; a line that is not a JSON object is a one-line
+    DataError naming the file and line."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():

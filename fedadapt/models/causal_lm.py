@@ -13,9 +13,7 @@ from the right only when it cannot fit; one left with no response token is dropp
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,9 @@ from torch import nn
 
 from fedadapt.core.errors import DataError, ModelError
 
+from .classifier import Examples
 from .device import quantization, resolve_device, resolve_dtype
+from .hf import local_dir, offline_and_quiet
 
 IGNORE = -100  # labels of tokens that are not learned (prompt, padding)
 # For tokenizers without a chat template (saved into the run's tokenizer on export). The generation block
@@ -52,7 +52,7 @@ class CausalLM(nn.Module):
 
 
 @dataclass
-class ChatFeatures:
+class ChatFeatures(Examples):
     """Tokenized conversations, right-padded: `inputs` (input_ids, attention_mask) and `labels` (IGNORE except
     on assistant tokens), all [N, T]; plus, for generation, each conversation's last prompt (token ids) and
     the reference answer."""
@@ -72,14 +72,6 @@ class ChatFeatures:
         pos = idx.tolist()
         return ChatFeatures({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx],
                             [self.prompts[i] for i in pos], [self.answers[i] for i in pos])
-
-    def sample(self, k: int, seed: int) -> ChatFeatures:
-        """A seeded subset of at most k examples, in their original order."""
-        if k >= len(self):
-            return self
-        from fedadapt.core.rng import permutation
-
-        return self.subset(permutation(seed, len(self))[:k].sort().values)
 
     def batch(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = {k: v[idx] for k, v in self.inputs.items()}
@@ -195,24 +187,13 @@ class ChatTokenizer:
         return ids[begin: begin + self.max_length], lab[begin: begin + self.max_length]
 
 
-def local_causal_lm_dir(source: str) -> Path:
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise ModelError(f"model {source!r} is not a directory (a causal LM is any local Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model directory {str(path)!r} has no config.json (not a Hugging Face model directory)")
-    return path
-
-
 def load_causal_lm(source: str, *, device: str = "auto", dtype: str = "fp32", quantize: str = "none"):
     """(CausalLM on its device, the tokenizer) from a local Hugging Face directory; never touches a hub."""
-    path = local_causal_lm_dir(source)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = local_dir(source, f"model {source!r} is not a directory (a causal LM is any local Hugging Face model "
+                             "folder)")
+    offline_and_quiet()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     where = resolve_device(device)
     precision = resolve_dtype(dtype, where)
     quant = quantization(quantize, where, precision)

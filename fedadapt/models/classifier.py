@@ -13,8 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Examples:
+    """What every task's features share: a seeded sample of a subclass's `subset`."""
+
+    def sample(self, k: int, seed: int):
+        """A seeded subset of at most k examples, in their original order."""
+        if k >= len(self):
+            return self
+        from fedadapt.core.rng import permutation
+
+        return self.subset(permutation(seed, len(self))[:k].sort().values)
+
+
 @dataclass
-class Features:
+class Features(Examples):
     """Model-ready inputs of a whole dataset: every tensor has the examples on dim 0."""
 
     inputs: dict[str, torch.Tensor]
@@ -26,14 +38,6 @@ class Features:
     def subset(self, idx) -> Features:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Features({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
-
-    def sample(self, k: int, seed: int) -> Features:
-        """A seeded subset of at most k examples, in their original order."""
-        if k >= len(self):
-            return self
-        from fedadapt.core.rng import permutation
-
-        return self.subset(permutation(seed, len(self))[:k].sort().values)
 
     def batch(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = {k: v[idx] for k, v in self.inputs.items()}

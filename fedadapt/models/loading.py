@@ -3,7 +3,6 @@ config-built Llama-style causal LM, or a small MLP for vector data. Never touche
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from fedadapt.core.errors import ModelError
 
 from .causal_lm import ChatFeatures
 from .classifier import ByteTokenizer, Features, MLPClassifier, TextClassifier
+from .hf import local_dir, offline_and_quiet
 
 BUILTIN = ("minilm", "tiny-llama", "mlp")
 
@@ -64,7 +64,8 @@ def load_classifier(source: str, *, num_labels: int, max_length: int = 64, input
             tok = ByteTokenizer()
             return LoadedModel(TextClassifier(encoder, encoder.config.hidden_size, num_labels),
                                lambda texts: tok(texts, max_length=max_length), source)
-        path = minilm_path() if source == "minilm" else _local_dir(source)
+        path = minilm_path() if source == "minilm" else local_dir(
+            source, f"model {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor an existing directory")
         encoder, tokenize = _load_hf_dir(path, max_length)
         return LoadedModel(TextClassifier(encoder, encoder.config.hidden_size, num_labels), tokenize, source)
 
@@ -79,22 +80,10 @@ def tiny_llama(vocab_size: int = ByteTokenizer.vocab_size):
     return LlamaForCausalLM(config)
 
 
-def _local_dir(source: str) -> Path:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ModelError(f"model {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor an existing directory")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model directory {str(path)!r} has no config.json (not a Hugging Face model directory)")
-    return path
-
-
 def _load_hf_dir(path: Path, max_length: int):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory must never reach for a hub
+    offline_and_quiet()
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     try:
         encoder = AutoModel.from_pretrained(path, local_files_only=True)
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""`fedadapt report DIR`: the curves of a run (training loss, held-out accuracy) as a PNG."""
+"""`fedadapt report DIR`: the curves of a run (training loss, held-out accuracy, or perplexity for the causal-lm
+task) as a PNG."""
 
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ def plot_run(run_dir: Path) -> Path:
     pts = [(r["round"], r["loss"]) for r in rows if r.get("loss") is not None]
     ax_loss.plot(*zip(*pts), marker=".") if pts else None
     ax_loss.set(xlabel="round", ylabel="mean client training loss", title="training loss")
-    pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    chat = any(r.get("perplexity") is not None for r in rows)
+    metric, reference, label = ("perplexity", "base_perplexity_subset", "base model") if chat else \
+        ("accuracy", "majority_baseline", "majority class")
+    pts = [(r["round"], r[metric]) for r in rows if r.get(metric) is not None]
     ax_acc.plot(*zip(*pts), marker=".", label="global model") if pts else None
     summary = run_dir / "summary.json"
     if summary.is_file():
-        base = json.loads(summary.read_text()).get("majority_baseline")
+        base = json.loads(summary.read_text()).get(reference)
         if base is not None:
-            ax_acc.axhline(base, color="grey", linestyle="--", label="majority class")
-    ax_acc.set(xlabel="round", ylabel="accuracy (held-out subset)", title="accuracy")
+            ax_acc.axhline(base, color="grey", linestyle="--", label=label)
+    ax_acc.set(xlabel="round", ylabel=f"{metric} (held-out subset)", title=metric)
     ax_acc.legend()
     fig.suptitle(run_dir.name)
     fig.tight_layout()

@@ -103,7 +103,8 @@ def simulate(cfg: RunConfig, out_dir: Path, console: Console | None = None,
         progress.reset(bar, total=per_round, rnd=min(rec.round + 1, cfg.rounds), rounds=cfg.rounds)
 
     chat = run.task.kind == "causal-lm"
-    base = run.evaluate_base(run.test) if chat else {}  # before any round: LoRA's B = 0, so this is the base
+    # before any round (LoRA's B = 0): the base model, on the final test set and on the per-round subset
+    base = {"test": run.evaluate_base(run.test), "subset": run.evaluate_base(run.eval_subset)} if chat else {}
     train_start = time.perf_counter()
     with transport(run, clients, lambda cid: progress.advance(bar)) as carrier, progress:
         c = cfg.coordinator
@@ -142,8 +143,9 @@ def _final_chat(run: setup.Run, state, base: dict, out_dir: Path) -> dict:
     the samples go to generations.jsonl)."""
     final = run.evaluate(run.test, state)
     out = {"loss": final["loss"], "perplexity": final["perplexity"], "token_accuracy": final["token_accuracy"],
-           "base_loss": base["loss"], "base_perplexity": base["perplexity"], "test_examples": len(run.test),
-           "test_tokens": final["tokens"]}
+           "base_loss": base["test"]["loss"], "base_perplexity": base["test"]["perplexity"],
+           "base_perplexity_subset": base["subset"]["perplexity"],  # what the per-round perplexity starts from
+           "test_examples": len(run.test), "test_tokens": final["tokens"]}
     if run.cfg.eval.generate > 0:
         scores, samples = run.generate(run.test, state)
         out.update(scores)
