@@ -61,6 +61,10 @@ def export(run_dir: Path, fmt: str, out: Path) -> Path:
         _peft(model, exported, cfg, staging)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(staging)
+    elif Path(_base_path(cfg)).is_dir():  # a classifier on a Hugging Face folder: its tokenizer goes along
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(_base_path(cfg), local_files_only=True).save_pretrained(staging)
     if exported.params and cfg.model.task == "classification":
         head = {k.removeprefix("head."): v.contiguous() for k, v in exported.params.items() if k.startswith("head.")}
         save_file(head, str(staging / "head.safetensors"))

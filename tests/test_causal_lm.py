@@ -271,3 +271,56 @@ def test_gradient_accumulation_and_checkpointing_train_the_same_adapter(lms, cha
     for other in (trained(batch_size=4, grad_accum_steps=2), trained(gradient_checkpointing=True)):
         assert plain.keys() == other.keys()
         assert all(torch.allclose(plain[k], other[k], rtol=0, atol=1e-6) for k in plain)
+
+
+CLASSIFIER = """
+import json, sys
+import torch
+from peft import PeftConfig, PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModel
+peft_dir, merged_dir, ids = sys.argv[1], sys.argv[2], torch.tensor(json.loads(sys.argv[3]))
+base = AutoModel.from_pretrained(PeftConfig.from_pretrained(peft_dir).base_model_name_or_path)
+out = []
+for encoder, folder in ((PeftModel.from_pretrained(base, peft_dir), peft_dir), (AutoModel.from_pretrained(merged_dir),
+                                                                                merged_dir)):
+    head = load_file(f"{folder}/head.safetensors")
+    with torch.no_grad():
+        hidden = encoder.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        out.append((hidden.mean(dim=1) @ head["weight"].T + head["bias"]).double().flatten().tolist())
+print(json.dumps(out))
+"""
+
+
+def test_a_classifier_exports_its_encoder_and_head(tmp_path):
+    """The classification task exports too: the encoder as a peft adapter (or merged) and the head beside it
+    (Fed-SB: its B R A folded into LoRA factors; the default conversion is the causal-LM tests' fedavg)."""
+    strategy = 'name = "fedsb"\ninit_samples = 8'
+    data = tmp_path / "lines.jsonl"
+    data.write_text("".join(json.dumps({"text": r["prompt"], "label": r["client"], "who": r["client"]}) + "\n"
+                            for r in chat_rows(clients=3)))
+    toml = tmp_path / "cls.toml"
+    toml.write_text(f'seed = 1\nrounds = 2\nclients_per_round = 3\n[model]\nsource = "minilm"\nmax_length = 16\n'
+                    f'[data]\ndataset = "{data}"\ngroup_field = "who"\nlabel_field = "label"\ntext_field = "text"\n'
+                    f'[train]\nlr = 0.5\nlocal_steps = 2\nbatch_size = 8\n[eval]\nmax_examples = 16\n'
+                    f'[strategy]\n{strategy}\n')
+    assert main(["simulate", str(toml), "--out", str(tmp_path / "run")]) == 0
+    cfg = load_config(tmp_path / "run" / "config.toml")
+    model = setup.load(cfg, partitions=False).model
+    server, recipe = build(cfg.strategy, setup.settings(cfg, num_clients=1))
+    server.init_state(ModelSpec({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    recipe.prepare(model, Task("evaluate", 2, {}, load_file(tmp_path / "run" / "model.safetensors")))
+    ids = [[101, 2000, 2001, 2002, 102], [101, 3000, 3001, 3002, 102]]
+    with torch.no_grad():
+        mine = model.eval()(input_ids=torch.tensor(ids), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    out = {fmt: tmp_path / fmt for fmt in ("peft", "merged")}
+    for fmt, folder in out.items():
+        assert main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(folder)]) == 0
+        assert json.loads((folder / "head.json").read_text())["labels"] == ["c0", "c1", "c2"]
+        assert (folder / "tokenizer.json").is_file()  # the encoder's own tokenizer, beside it
+    p = subprocess.run([sys.executable, "-c", CLASSIFIER, str(out["peft"]), str(out["merged"]), json.dumps(ids)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for fmt, theirs in zip(out, json.loads(p.stdout.strip().splitlines()[-1])):
+        assert torch.allclose(torch.tensor(theirs, dtype=torch.float64), mine.double().flatten(), rtol=0,
+                              atol=1e-5), fmt
