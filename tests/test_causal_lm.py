@@ -194,10 +194,14 @@ def global_logits(run_dir: Path, ids: list[list[int]]) -> torch.Tensor:
                                                                                    dtype=torch.long)).double()
 
 
-@pytest.mark.parametrize("arch,strategy", [("llama", s) for s in sorted(STRATEGIES)] + [("llama", "zeropad")]
-                         + [("gpt2", "flora"), ("gpt2", "fedsb")])  # GPT-2's Conv1D stores weights transposed
+MORE_LORA = {"zeropad": 'name = "zeropad"\nranks = [2, 4]', "fedex-lora": 'name = "fedex-lora"\nranks = [2, 4]',
+             "ffa-lora": 'name = "ffa-lora"', "flexlora": 'name = "flexlora"\nranks = [2, 4]'}
+
+
+@pytest.mark.parametrize("arch,strategy", [("llama", s) for s in sorted(STRATEGIES) + sorted(MORE_LORA)]
+                         + [("gpt2", "flora"), ("gpt2", "fedsb"), ("gpt2", "fedex-lora")])  # Conv1D: transposed
 def test_exports_load_in_plain_peft_and_transformers_with_equal_logits(lms, chats, tmp_path, arch, strategy):
-    spec = STRATEGIES.get(strategy, 'name = "zeropad"\nranks = [2, 4]')
+    spec = {**STRATEGIES, **MORE_LORA}[strategy]
     run(tmp_path, chat_toml(lms[arch], chats, strategy=spec, generate=0), "run")
     ids = [[1, 5, 9, 33, 70, 12, 2], [1, 44, 45, 46, 100, 3, 4]]
     mine = global_logits(tmp_path / "run", ids).flatten()

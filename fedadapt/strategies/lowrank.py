@@ -15,9 +15,9 @@ import torch
 
 from fedadapt.core.codec import TensorSpec
 from fedadapt.core.errors import ModelError
-from fedadapt.models.lora_layers import LORA_FACTOR
+from fedadapt.models.lora_layers import LORA_FACTOR, lora_layers
 
-from .base import ClientInfo, ClientResult, Tensors
+from .base import ClientInfo, ClientResult, Exported, Tensors
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,22 @@ def prune_history(aux: Tensors, pattern: re.Pattern, pruned_key: str, dense_byte
                 del aux[k]
             aux[pruned_key] = torch.tensor(max(rnd, int(aux[pruned_key])), dtype=torch.int64)
             return
+
+
+def exported_factors(tensors: Tensors, model: torch.nn.Module | None, scaling: float = 0.0, base: str = "") -> Exported:
+    """A global state of `<module>.lora_A` (r, n) and `.lora_B` (m, r) factors, of any rank r, as LoRA at `scaling`
+    (0: the module's own, adapter.alpha / adapter.rank); `<module><base>` (a folded change of the base weight in
+    the factors' units, FedEx-LoRA's) as scaling times it; every other tensor (a head) as a parameter."""
+    layers = {} if scaling else lora_layers(model)
+    factors, delta, params = {}, {}, {}
+    for name, t in tensors.items():
+        if name.endswith(".lora_A"):
+            m = name[: -len(".lora_A")]
+            s = scaling or float(layers[m].scaling["default"])
+            factors[m] = (t, tensors[m + ".lora_B"], s)
+            if base and m + base in tensors:
+                delta[m] = s * tensors[m + base]
+        elif not name.endswith(".lora_B") and not (base and name.endswith(base)):
+            params[name] = t
+    return Exported(factors, delta, params)
+

@@ -30,6 +30,9 @@ BUILTIN = {
     "frl": "fedadapt.strategies.frl:FRL",
     "ferret": "fedadapt.strategies.ferret:Ferret",
     "zo": "fedadapt.strategies.zo:ZO",
+    "fedex-lora": "fedadapt.strategies.fedex:FedEx",
+    "ffa-lora": "fedadapt.strategies.ffa:FFA",
+    "flexlora": "fedadapt.strategies.flexlora:FlexLoRA",
 }
 
 
