@@ -83,6 +83,14 @@ def test_offsets_pointing_outside_the_buffer_rejected():
         codec.decode(hostile)
 
 
+def test_an_empty_tensor_with_huge_dimensions_is_refused_not_a_torch_error():
+    """A 0 in the shape makes the tensor empty (0 bytes, offsets [0, 0]), but torch still computes its strides,
+    which overflow for dimensions like these: found by hypothesis in tests/test_chunks.py."""
+    header = b'{"0": {"dtype": "F64", "shape": [0, 3036988439, 3037012561], "data_offsets": [0, 0]}}'
+    with pytest.raises(PayloadError, match="impossible shape"):
+        codec.decode(struct.pack("<Q", len(header)) + header)
+
+
 def test_not_bytes_rejected():
     with pytest.raises(PayloadError, match="must be bytes"):
         codec.decode("a string")  # type: ignore[arg-type]

@@ -106,6 +106,8 @@ def _views(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise _framing(f"entry {name!r} has a malformed shape or data_offsets")
         start, end = offsets
+        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:  # torch's strides would overflow int64, even
+            raise _framing(f"tensor {name!r} has an impossible shape {shape}")  # for an empty tensor (a 0 dim)
         if end - start != math.prod(shape) * dtype.itemsize:
             raise _framing(f"tensor {name!r}: data_offsets span {end - start} bytes, its shape needs "
                            f"{math.prod(shape) * dtype.itemsize}")

@@ -37,8 +37,8 @@ import torch
 
 from fedadapt.core.codec import Contract, TensorSpec, contract_of
 from fedadapt.core.config import option
-from fedadapt.core.errors import ConfigError, PayloadError
-from fedadapt.models.lora_layers import base_weights, factor_state, load_factors, lora_layers
+from fedadapt.core.errors import PayloadError
+from fedadapt.models.lora_layers import factor_state, load_factors
 from fedadapt.privacy.compat import Support
 from fedadapt.training.loop import train_config, train_local
 
@@ -47,12 +47,14 @@ from .aggregate import weighted_average, weights
 from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
 from .flora import add_delta, stack_delta
 from .lowrank import (
+    HeldBase,
+    catch_up,
     client_rank,
     content_hash,
     exported_factors,
     factors_contract,
+    global_factors,
     hash_metric,
-    head_of,
     known,
     lora_modules,
     nbytes,
@@ -149,45 +151,14 @@ class FedExRecipe(base.RecipeBase):
         return {**{k: v for k, v in uploads.items() if not k.endswith((".lora_A", ".lora_B"))}, **out}, weight
 
 
-class _Base:
+class _Base(HeldBase):
     """A model's folded base: W = W0 + s (D^v + the frozen tail of the round), recomputed from W0, never drifted."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.weights = base_weights(model)
-        self.w0 = {m: w.detach().clone() for m, w in self.weights.items()}
-        layers = lora_layers(model)  # D in the LoRA factors' dtype, as on the server
-        self.delta = {m: torch.zeros(w.shape, dtype=layers[m].lora_A["default"].weight.dtype)
-                      for m, w in self.weights.items()}
-        self.version = 0
+    key, dense, noun, steps, history = "fedex", BASE, "folded base", "residual", _RESID
 
-    def sync(self, task: Task) -> dict[str, float]:
-        t, cfg = task.tensors, task.config
-        target = int(cfg.get("fedex_base_round", task.round))
-        dense = {m: t[m + BASE] for m in self.delta if m + BASE in t}
-        rounds = sorted({int(g["round"]) for g in map(_RESID.match, t) if g})
-        done: dict[str, float] = {"catchup_dense": 0.0, "catchup_residual_rounds": 0.0}
-        if dense:
-            if dense.keys() != self.delta.keys():
-                raise PayloadError("task has the folded base of only some modules")
-            self.delta = {m: d.clone() for m, d in dense.items()}
-            done["catchup_dense"] = 1.0
-        elif rounds:
-            start = int(cfg.get("fedex_from", self.version))
-            if self.version < start:
-                raise PayloadError(f"this client's base is at round {self.version}, but the task's residuals "
-                                   f"start after round {start}")
-            for rnd in (r for r in rounds if r > self.version):
-                w = t[f"resid/{rnd}/w"]
-                for m in self.delta:
-                    self.delta[m] = fold(self.delta[m], t[f"resid/{rnd}/{m}/A"], t[f"resid/{rnd}/{m}/B"], w)
-                done["catchup_residual_rounds"] += 1
-        elif self.version != target:
-            raise PayloadError(f"this client's base is at round {self.version}, the task needs round {target}")
-        self.version = max(self.version, target)
-        want = cfg.get("fedex_base_hash")
-        if want is not None and content_hash(self.delta) != want:
-            raise PayloadError(f"folded base out of step with the coordinator at round {target}")
-        return done
+    def fold(self, d: torch.Tensor, tensors: Tensors, rnd: int, module: str) -> torch.Tensor:
+        resid = f"resid/{rnd}/"
+        return fold(d, tensors[f"{resid}{module}/A"], tensors[f"{resid}{module}/B"], tensors[resid + "w"])
 
     def apply(self, s: float, tails: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Set the live base weights to W0 + s (D + B_tail A_tail), rounded once."""
@@ -218,26 +189,14 @@ class FedEx(base.StrategyBase):
     def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
         self.rank = next(iter(self.modules.values())).rank
-        if any(r > self.rank for r in self.options.ranks):
-            raise ConfigError(f"strategy.ranks {self.options.ranks} exceed the global adapter.rank {self.rank}")
-        tensors = {k: v.clone() for k, v in head_of(spec.initial).items()}
-        for name, t in spec.initial.items():
-            if name not in tensors:  # <module>.lora_A.<adapter>.weight -> <module>.lora_A
-                tensors[name.rsplit(".", 2)[0]] = t.clone()
+        tensors = global_factors(spec.initial, self.options.ranks)
         for m, i in self.modules.items():
             tensors[m + BASE] = torch.zeros(i.out_features, i.in_features, dtype=i.dtype)
         return GlobalState(tensors, {PRUNED: torch.tensor(0, dtype=torch.int64)})
 
     def _catch_up(self, state: GlobalState, version: int) -> Tensors:
         """What a client whose base is D^version needs: the residual stacks since, or D^t, whichever is smaller."""
-        if version == state.round:
-            return {}
-        dense = {k: v for k, v in state.tensors.items() if k.endswith(BASE)}
-        if version >= int(state.aux[PRUNED]):
-            stacks = {k: v for k, v in state.aux.items() if (g := _RESID.match(k)) and int(g["round"]) > version}
-            if nbytes(stacks) < nbytes(dense):
-                return stacks
-        return dense
+        return catch_up(state, version, BASE, _RESID, PRUNED)
 
     def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         chosen = base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)

@@ -29,7 +29,7 @@ from fedadapt.training.loop import train_config, train_local
 from . import base
 from .aggregate import weighted_average, weights
 from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
-from .lowrank import content_hash, exported_factors, head_of, known, lora_modules, remember, remember_silent
+from .lowrank import content_hash, exported_factors, global_factors, known, lora_modules, remember, remember_silent
 
 A_HASH = "ffa/a_sha256"  # aux: sha256 of the frozen A of every module (uint8[32])
 
@@ -57,7 +57,8 @@ class FFARecipe(base.RecipeBase):
                 if m + ".lora_B" in t:
                     layer.lora_B["default"].weight.copy_(t[m + ".lora_B"])
         want = task.config.get("ffa_a_hash")
-        if want is not None and a_hash({m + ".lora_A": lay.lora_A["default"].weight for m, lay in layers.items()}) != want:
+        held = {m + ".lora_A": layer.lora_A["default"].weight for m, layer in layers.items()}
+        if want is not None and a_hash(held) != want:
             raise PayloadError("this client's frozen A does not match the run's (its hash differs)")
         load_named(model, {k: v for k, v in t.items() if not k.endswith((".lora_A", ".lora_B"))})
 
@@ -76,10 +77,7 @@ class FFA(base.StrategyBase):
 
     def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
-        tensors = {k: v.clone() for k, v in head_of(spec.initial).items()}
-        for name, t in spec.initial.items():
-            if name not in tensors:  # <module>.lora_A.<adapter>.weight -> <module>.lora_A
-                tensors[name.rsplit(".", 2)[0]] = t.clone()
+        tensors = global_factors(spec.initial)
         digest = a_hash(tensors)
         return GlobalState(tensors, {A_HASH: torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)})
 

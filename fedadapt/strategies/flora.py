@@ -27,7 +27,6 @@ import torch
 
 from fedadapt.core.codec import Contract, contract_of
 from fedadapt.core.config import option
-from fedadapt.core.errors import PayloadError
 from fedadapt.models.lora_layers import base_weights, factor_state, fresh_lora, load_named
 from fedadapt.training.loop import train_config, train_local
 
@@ -35,6 +34,8 @@ from . import base
 from .aggregate import weighted_average, weights
 from .base import ClientResult, GlobalState, RoundOutcome, Task, Tensors
 from .lowrank import (
+    HeldBase,
+    catch_up,
     client_rank,
     content_hash,
     factors_contract,
@@ -116,44 +117,16 @@ class FloraRecipe(base.RecipeBase):
         return ClientResult("", len(data), factor_state(model), metrics)
 
 
-class _Base:
-    """A model's merged base: W = W^0 + D^v, with W^0 kept so that W is recomputed, never drifted."""
+class _Base(HeldBase):
+    """A model's merged base: W = W^0 + D^v."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.weights = base_weights(model)
-        self.w0 = {m: w.detach().clone() for m, w in self.weights.items()}
-        # D in the LoRA factors' dtype, as on the server (its spec holds the factors, not the base)
-        self.delta = {m: torch.zeros(w.shape, dtype=model.get_submodule(m).lora_A["default"].weight.dtype)
-                      for m, w in self.weights.items()}
-        self.version = 0
+    key, dense, noun, steps, history = "flora", DELTA, "merged delta", "stack", _STACK
+
+    def fold(self, d: torch.Tensor, tensors: Tensors, rnd: int, module: str) -> torch.Tensor:
+        return add_delta(d, stack_delta(tensors[f"stack/{rnd}/{module}/A"], tensors[f"stack/{rnd}/{module}/B"]))
 
     def sync(self, task: Task) -> dict[str, float]:
-        t, cfg = task.tensors, task.config
-        target = int(cfg.get("flora_base_round", task.round))
-        dense = {m: t[m + DELTA] for m in self.delta if m + DELTA in t}
-        stacks = sorted({int(g["round"]) for g in map(_STACK.match, t) if g})
-        done: dict[str, float] = {"catchup_dense": 0.0, "catchup_stack_rounds": 0.0}
-        if dense:
-            if dense.keys() != self.delta.keys():
-                raise PayloadError("task has the merged delta of only some modules")
-            self.delta = {m: d.clone() for m, d in dense.items()}
-            done["catchup_dense"] = 1.0
-        elif stacks:
-            start = int(cfg.get("flora_from", self.version))
-            if self.version < start:
-                raise PayloadError(f"this client's base is at round {self.version}, but the task's stacks start "
-                                   f"after round {start}")
-            for rnd in (r for r in stacks if r > self.version):
-                for m in self.delta:
-                    a, b = t[f"stack/{rnd}/{m}/A"], t[f"stack/{rnd}/{m}/B"]
-                    self.delta[m] = add_delta(self.delta[m], stack_delta(a, b))
-                done["catchup_stack_rounds"] += 1
-        elif self.version != target:
-            raise PayloadError(f"this client's base is at round {self.version}, the task needs round {target}")
-        self.version = max(self.version, target)
-        want = cfg.get("flora_base_hash")
-        if want is not None and content_hash(self.delta) != want:
-            raise PayloadError(f"merged base out of step with the coordinator at round {target}")
+        done = super().sync(task)
         with torch.no_grad():
             for m, w in self.weights.items():
                 w.copy_(self.w0[m] + self.delta[m].to(w.dtype))
@@ -176,14 +149,7 @@ class Flora(base.StrategyBase):
 
     def _catch_up(self, state: GlobalState, version: int) -> Tensors:
         """What a client whose base is D^version needs: the stacks since, or D^t, whichever is smaller."""
-        if version == state.round:
-            return {}
-        dense = {k: v for k, v in state.tensors.items() if k.endswith(DELTA)}
-        if version >= int(state.aux[PRUNED]):
-            stacks = {k: v for k, v in state.aux.items() if (g := _STACK.match(k)) and int(g["round"]) > version}
-            if nbytes(stacks) < nbytes(dense):
-                return stacks
-        return dense
+        return catch_up(state, version, DELTA, _STACK, PRUNED)
 
     def configure(self, rnd: int, clients: list[base.ClientInfo], state: GlobalState) -> dict[str, Task]:
         chosen = base.sample_clients(clients, self.settings.clients_per_round, self.settings.seed, rnd)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from fedadapt.core.codec import TensorSpec
-from fedadapt.core.errors import ModelError
-from fedadapt.models.lora_layers import LORA_FACTOR, lora_layers
+from fedadapt.core.errors import ConfigError, ModelError, PayloadError
+from fedadapt.models.lora_layers import LORA_FACTOR, base_weights, lora_layers
 
-from .base import ClientInfo, ClientResult, Exported, Tensors
+from .base import ClientInfo, ClientResult, Exported, GlobalState, Task, Tensors
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,20 @@ def factors_contract(modules: dict[str, LoraModule], rank: int) -> dict[str, Ten
 def head_of(initial: Tensors) -> Tensors:
     """The trainable tensors that are not LoRA factors (the task head): these are plainly averaged."""
     return {k: v for k, v in initial.items() if not LORA_FACTOR.match(k)}
+
+
+def global_factors(initial: Tensors, ranks: list[int] | None = None) -> Tensors:
+    """The head of a model spec and its adapter's factors as `<module>.lora_A` / `.lora_B` (the global adapter of
+    the strategies that average or fold factors); per-client `ranks`, if given, must not exceed its rank."""
+    if ranks:
+        rank = next(iter(lora_modules(initial).values())).rank
+        if any(r > rank for r in ranks):
+            raise ConfigError(f"strategy.ranks {ranks} exceed the global adapter.rank {rank}")
+    tensors = {k: v.clone() for k, v in head_of(initial).items()}
+    for name, t in initial.items():
+        if name not in tensors:  # <module>.lora_A.<adapter>.weight -> <module>.lora_A
+            tensors[name.rsplit(".", 2)[0]] = t.clone()
+    return tensors
 
 
 def content_hash(tensors: Tensors) -> str:
@@ -105,6 +119,20 @@ def nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def catch_up(state: GlobalState, version: int, dense: str, history: re.Pattern, pruned: str) -> Tensors:
+    """What a client whose base is D^version needs to reach the state's round: the rounds' history since (aux
+    entries matching `history`), or D itself (the state's tensors ending in `dense`), whichever is fewer bytes;
+    D when the history it needs was pruned (aux[pruned])."""
+    if version == state.round:
+        return {}
+    whole = {k: v for k, v in state.tensors.items() if k.endswith(dense)}
+    if version >= int(state.aux[pruned]):
+        since = {k: v for k, v in state.aux.items() if (g := history.match(k)) and int(g["round"]) > version}
+        if nbytes(since) < nbytes(whole):
+            return since
+    return whole
+
+
 def prune_history(aux: Tensors, pattern: re.Pattern, pruned_key: str, dense_bytes: int) -> None:
     """Keep the newest per-round entries of `aux` (keys matching `pattern`, whose `round` group names the
     round) only while their total stays below `dense_bytes`; rounds up to `aux[pruned_key]` are dropped, and a
@@ -139,4 +167,57 @@ def exported_factors(tensors: Tensors, model: torch.nn.Module | None, scaling: f
         elif not name.endswith(".lora_B") and not (base and name.endswith(base)):
             params[name] = t
     return Exported(factors, delta, params)
+
+
+class HeldBase:
+    """A client's copy of a base weight the server changes every round (FLoRA's merged delta, FedEx-LoRA's folded
+    residuals): D^v per adapted module, brought up to the task's round from the task itself (D whole, or the missed
+    rounds' low-rank history folded in order) and checked against the server's hash. The live weights are
+    recomputed from W0 by the subclass, never drifted.
+
+    A subclass names the task's config keys (`<key>_base_round`, `<key>_from`, `<key>_base_hash`), the suffix
+    `dense` of D's tensors, the pattern `history` of a round's tensors (group "round"), what D and the history are
+    called (`noun`, `steps`: errors and the metric catchup_<steps>_rounds) and `fold`, one round of history."""
+
+    key = dense = noun = steps = ""
+    history: re.Pattern
+
+    def __init__(self, model: torch.nn.Module):
+        self.weights = base_weights(model)
+        self.w0 = {m: w.detach().clone() for m, w in self.weights.items()}
+        layers = lora_layers(model)  # D in the LoRA factors' dtype, as on the server (its spec holds the factors)
+        self.delta = {m: torch.zeros(w.shape, dtype=layers[m].lora_A["default"].weight.dtype)
+                      for m, w in self.weights.items()}
+        self.version = 0
+
+    def fold(self, d: torch.Tensor, tensors: Tensors, rnd: int, module: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sync(self, task: Task) -> dict[str, float]:
+        t, cfg = task.tensors, task.config
+        target = int(cfg.get(f"{self.key}_base_round", task.round))
+        dense = {m: t[m + self.dense] for m in self.delta if m + self.dense in t}
+        rounds = sorted({int(g["round"]) for g in map(self.history.match, t) if g})
+        done = {"catchup_dense": 0.0, f"catchup_{self.steps}_rounds": 0.0}
+        if dense:
+            if dense.keys() != self.delta.keys():
+                raise PayloadError(f"task has the {self.noun} of only some modules")
+            self.delta = {m: d.clone() for m, d in dense.items()}
+            done["catchup_dense"] = 1.0
+        elif rounds:
+            start = int(cfg.get(f"{self.key}_from", self.version))
+            if self.version < start:
+                raise PayloadError(f"this client's base is at round {self.version}, but the task's {self.steps}s "
+                                   f"start after round {start}")
+            for rnd in (r for r in rounds if r > self.version):
+                for m in self.delta:
+                    self.delta[m] = self.fold(self.delta[m], t, rnd, m)
+                done[f"catchup_{self.steps}_rounds"] += 1
+        elif self.version != target:
+            raise PayloadError(f"this client's base is at round {self.version}, the task needs round {target}")
+        self.version = max(self.version, target)
+        want = cfg.get(f"{self.key}_base_hash")
+        if want is not None and content_hash(self.delta) != want:
+            raise PayloadError(f"{self.noun} out of step with the coordinator at round {target}")
+        return done
 

@@ -17,14 +17,13 @@ import torch
 
 from fedadapt.core.codec import Contract, contract_of
 from fedadapt.core.config import option
-from fedadapt.core.errors import ConfigError
 from fedadapt.models.lora_layers import factor_state, load_factors
 from fedadapt.training.loop import train_config, train_local
 
 from . import base
 from .aggregate import weighted_average, weights
 from .base import ClientResult, GlobalState, RoundOutcome, Task
-from .lowrank import client_rank, factors_contract, head_of, lora_modules
+from .lowrank import client_rank, factors_contract, global_factors, lora_modules
 
 
 @dataclass
@@ -54,13 +53,7 @@ class ZeroPad(base.StrategyBase):
     def init_state(self, spec: base.ModelSpec) -> GlobalState:
         self.modules = lora_modules(spec.initial)
         self.rank = next(iter(self.modules.values())).rank
-        if any(r > self.rank for r in self.options.ranks):
-            raise ConfigError(f"strategy.ranks {self.options.ranks} exceed the global adapter.rank {self.rank}")
-        tensors = {k: v.clone() for k, v in head_of(spec.initial).items()}
-        for name, t in spec.initial.items():
-            if name not in tensors:  # <module>.lora_A.<adapter>.weight -> <module>.lora_A
-                tensors[name.rsplit(".", 2)[0]] = t.clone()
-        return GlobalState(tensors)
+        return GlobalState(global_factors(spec.initial, self.options.ranks))
 
     def export(self, tensors: base.Tensors, model: torch.nn.Module) -> base.Exported:
         """The global factors at the run's rank and scaling (every client's alpha_k / r_k is the run's)."""
