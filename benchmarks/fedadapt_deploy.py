@@ -8,8 +8,9 @@
   validate, aggregate, commit): all of it is framework overhead, clients' included. The coordinator's
   CPU time per round (psutil) is its own share.
 * Upload throughput: one client pushes a P-byte payload (safetensors bytes, 3 MiB chunks, sha256 of the
-  whole computed by the sender and verified by the coordinator) to a running coordinator; timed from
-  before hashing to the coordinator's reply, median of repeats.
+  whole computed by the sender while it streams and verified by the coordinator) as its answer to a round of
+  a running coordinator (benchmarks/coordinator_upload.py); timed from its first part to the coordinator's
+  reply, median of repeats.
 
     .venv/bin/python benchmarks/fedadapt_deploy.py overhead --clients 50 --rounds 30
     .venv/bin/python benchmarks/fedadapt_deploy.py upload --mib 100 --repeats 5
@@ -151,40 +152,29 @@ def overhead(clients: int, rounds: int, hosts: int) -> dict:
 
 
 def upload(mib: int, repeats: int) -> dict:
-    import grpc
-    from deploy import Deployment
+    """One client answers round after round with a `mib` MiB upload to a coordinator (coordinator_upload.py's:
+    the service and hub of `fedadapt server start`, one round open for the uploader at a time); the sha256 is
+    computed while the chunks stream and sent last, as the client daemon does. Median push time."""
+    from coordinator_upload import _payload, fedadapt_side
 
     from fedadapt.core.memory import reuse_freed_memory
-    from fedadapt.proto import fedadapt_pb2 as pb
-    from fedadapt.proto import fedadapt_pb2_grpc as pb_grpc
-    from fedadapt.proto.auth import load_credentials, metadata
-    from fedadapt.proto.chunks import describe, framed, push_result
 
     reuse_freed_memory()  # as the client daemon does
-    payload = os.urandom(mib * 2**20)
+    payload = _payload(mib)
+    coord = subprocess.Popen([sys.executable, str(Path(__file__).with_name("coordinator_upload.py")), "_coordinator",
+                              str(mib), "0"], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     times = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        d = Deployment(root, f"sqlite:///{root / 'db.sqlite'}", tls=False)
-        try:
-            creds = load_credentials(d.add_client("uploader"))
-            d.start_coordinator("--max-payload-mb", str(mib + 1))
-            md = metadata(creds)
-            with grpc.insecure_channel(d.address) as channel:
-                stub = pb_grpc.CoordinatorStub(channel)
-                session = stub.Join(pb.JoinRequest(capabilities_json="{}"), metadata=md, timeout=30).session
-                for i in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    header = pb.ResultHeader(session=session, run_id="benchmark", round=i + 1, num_examples=1,
-                                             metrics_json="{}", payload=describe(payload))
-                    reply = push_result(channel)(framed(pb.ResultPart, header, payload), metadata=md, timeout=120)
-                    elapsed = time.perf_counter() - t0
-                    # no run is active, so the verified payload is recorded LATE and dropped: only transfer counts
-                    assert reply.status == pb.PushReply.LATE, reply
-                    if i:  # the first push warms the channel
-                        times.append(elapsed)
-        finally:
-            d.close()
+    try:
+        push, channel = fedadapt_side(int(coord.stdout.readline()), payload)
+        with channel:
+            for i in range(repeats + 1):
+                elapsed = push()
+                if i:  # the first push warms the channel
+                    times.append(elapsed)
+    finally:
+        coord.terminate()
+        coord.wait(timeout=30)
     med = statistics.median(times)
     return {"mib": mib, "repeats": repeats, "seconds": times, "median_s": med, "mb_per_s": mib * 2**20 / med / 1e6}
 

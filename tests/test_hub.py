@@ -10,7 +10,7 @@ import time
 import pytest
 
 from fedadapt.runtime.engine import ResultMessage, TaskMessage
-from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REJECTED, ClientHub, Session
+from fedadapt.server.hub import ACCEPTED, DUPLICATE, LATE, REFUSED, ClientHub, Session
 
 RUN = "run-1"
 BOUND = 10.0  # no single wait in these tests may take longer
@@ -126,10 +126,10 @@ def test_a_round_returns_when_every_asked_client_answers(hub):
     ta, tb = take(hub, sa), take(hub, sb)
     assert (ta.client_id, ta.round, tb.client_id) == ("a", 1, "b")
     assert nothing_queued(hub, sc)
-    assert hub.submit(sb, result("b", 1), RUN) == (ACCEPTED, "")
+    assert hub.submit(sb, result("b", 1), RUN)[:2] == (ACCEPTED, "")
     time.sleep(0.2)
     assert not r.done()  # still waiting for a
-    assert hub.submit(sa, result("a", 1), RUN) == (ACCEPTED, "")
+    assert hub.submit(sa, result("a", 1), RUN)[:2] == (ACCEPTED, "")
     out = r.join()
     assert r.elapsed < 5
     assert [m.client_id for m in out] == ["a", "b"]  # in task order, not arrival order
@@ -137,22 +137,23 @@ def test_a_round_returns_when_every_asked_client_answers(hub):
     assert hub.drain_events() == []
 
 
-def test_a_client_not_asked_is_rejected(hub):
+def test_a_client_not_asked_is_refused(hub):
     sa, sc = connect(hub, "a"), connect(hub, "c")
     r = RoundThread(hub, [task("a", 1)])
     take(hub, sa)
-    status, reason = hub.submit(sc, result("c", 1), RUN)
-    assert status == REJECTED and "not asked" in reason
+    assert hub.admit(sc, RUN, 1).code == "not-asked"  # from the header alone, before any payload
+    status, reason = hub.submit(sc, result("c", 1), RUN)[:2]
+    assert status == REFUSED and "not asked" in reason
     hub.submit(sa, result("a", 1), RUN)
     assert [m.client_id for m in r.join()] == ["a"]
 
 
-def test_a_result_for_another_run_is_late(hub):
+def test_a_result_for_another_run_is_refused(hub):
     sa = connect(hub, "a")
     r = RoundThread(hub, [task("a", 1)])
     take(hub, sa)
-    status, reason = hub.submit(sa, result("a", 1), "some-other-run")
-    assert status == LATE and "not the active run" in reason
+    status, reason = hub.submit(sa, result("a", 1), "some-other-run")[:2]
+    assert status == REFUSED and "not the active run" in reason
     hub.submit(sa, result("a", 1), RUN)
     assert len(r.join()) == 1
 
@@ -193,7 +194,7 @@ def test_a_rejoin_during_the_round_resends_the_task_to_the_new_session(hub):
     assert (again.client_id, again.round, again.payload) == ("a", 1, b"model-1")
     time.sleep(0.1)
     assert not r.done()  # a rejoin is not a departure
-    assert hub.submit(sa2, result("a", 1), RUN) == (ACCEPTED, "")
+    assert hub.submit(sa2, result("a", 1), RUN)[:2] == (ACCEPTED, "")
     hub.submit(sb, result("b", 1), RUN)
     assert [m.client_id for m in r.join()] == ["a", "b"]
     assert hub.drain_events() == []
@@ -220,7 +221,7 @@ def test_a_result_for_a_closed_round_is_late_and_recorded(hub):
     hub.submit(sa, result("a", 1), RUN)
     assert [m.client_id for m in r.join()] == ["a"]
     assert [(e.client, e.status) for e in hub.drain_events()] == [("b", "failed")]
-    status, reason = hub.submit(sb, result("b", 1, b"x" * 123), RUN)
+    status, reason = hub.submit(sb, result("b", 1, b"x" * 123), RUN)[:2]
     assert status == LATE and "closed" in reason
     [ev] = hub.drain_events()
     assert (ev.client, ev.round, ev.status, ev.bytes_up) == ("b", 1, LATE, 123)
@@ -236,7 +237,9 @@ def test_a_result_for_an_older_round_is_late(hub):
         r.join()
     r = RoundThread(hub, [task("a", 3)])
     take(hub, sa)
-    assert hub.submit(sa, result("a", 1), RUN)[0] == LATE  # two rounds back, with round 3 open
+    assert hub.submit(sa, result("a", 1), RUN)[0] == DUPLICATE  # a answered round 1: a replay, two rounds back
+    sb = connect(hub, "b")
+    assert hub.submit(sb, result("b", 1), RUN)[0] == LATE  # b never answered it: late, with round 3 open
     hub.submit(sa, result("a", 3), RUN)
     assert [m.round for m in r.join()] == [3]
 
@@ -245,7 +248,7 @@ def test_a_second_result_for_the_same_key_is_a_duplicate(hub):
     sa, sb = connect(hub, "a"), connect(hub, "b")
     r = RoundThread(hub, [task("a", 1), task("b", 1)])
     take(hub, sa), take(hub, sb)
-    assert hub.submit(sa, result("a", 1, b"first"), RUN) == (ACCEPTED, "")
+    assert hub.submit(sa, result("a", 1, b"first"), RUN)[:2] == (ACCEPTED, "")
     assert hub.submit(sa, result("a", 1, b"second"), RUN)[0] == DUPLICATE  # within the round
     hub.submit(sb, result("b", 1), RUN)
     out = r.join()
@@ -259,7 +262,7 @@ def test_a_second_result_for_the_same_key_is_a_duplicate(hub):
 def test_an_early_result_is_used_when_its_round_asks_for_it(hub):
     sa, sb = connect(hub, "a"), connect(hub, "b")
     # a uploads for round 1 before the round opened (a retry across a coordinator restart)
-    assert hub.submit(sa, result("a", 1, b"kept"), RUN) == (ACCEPTED, "")
+    assert hub.submit(sa, result("a", 1, b"kept"), RUN)[:2] == (ACCEPTED, "")
     r = RoundThread(hub, [task("a", 1), task("b", 1)])
     take(hub, sb)
     assert nothing_queued(hub, sa)  # a is not asked to train again
@@ -269,15 +272,16 @@ def test_an_early_result_is_used_when_its_round_asks_for_it(hub):
     assert hub.submit(sa, result("a", 1), RUN)[0] == DUPLICATE
 
 
-def test_an_early_result_for_another_round_is_dropped(hub):
+def test_an_early_result_for_a_round_after_the_next_is_refused(hub):
     sa = connect(hub, "a")
-    assert hub.submit(sa, result("a", 2, b"too early"), RUN) == (ACCEPTED, "")
+    status, reason, code, _ = hub.submit(sa, result("a", 2, b"too early"), RUN)
+    assert (status, code) == (REFUSED, "round-not-open") and "round 2 is not open" in reason  # not held in memory
     r = RoundThread(hub, [task("a", 1)])
-    take(hub, sa)  # round 1 still asks a: the held round-2 result does not answer it
+    take(hub, sa)  # round 1 asks a: nothing answers it but a's round-1 result
     hub.submit(sa, result("a", 1), RUN)
     assert [m.round for m in r.join()] == [1]
     r = RoundThread(hub, [task("a", 2)])
-    take(hub, sa)  # and it was dropped when round 1 opened, so round 2 asks again
+    take(hub, sa)
     hub.submit(sa, result("a", 2, b"fresh"), RUN)
     assert [m.payload for m in r.join()] == [b"fresh"]
 
@@ -296,7 +300,7 @@ def test_a_second_early_result_for_the_same_key_is_a_duplicate(hub):
     """The hub keeps the first upload per (run, round, client): a replay before the round opens must
     not replace it (a hostile client could otherwise swap its held result at will)."""
     sa = connect(hub, "a")
-    assert hub.submit(sa, result("a", 1, b"first"), RUN) == (ACCEPTED, "")
+    assert hub.submit(sa, result("a", 1, b"first"), RUN)[:2] == (ACCEPTED, "")
     assert hub.submit(sa, result("a", 1, b"second"), RUN)[0] == DUPLICATE
     r = RoundThread(hub, [task("a", 1)])
     assert [m.payload for m in r.join()] == [b"first"]

@@ -75,14 +75,16 @@ def test_stubs_expose_every_method():
 
 def test_push_reply_statuses_are_stable():
     # the numbers are on the wire: changing them silently breaks deployed clients
-    assert dict(pb.PushReply.Status.items()) == {"ACCEPTED": 0, "DUPLICATE": 1, "LATE": 2, "REJECTED": 3}
+    assert dict(pb.PushReply.Status.items()) == {"ACCEPTED": 0, "DUPLICATE": 1, "LATE": 2, "REJECTED": 3,
+                                                 "REFUSED": 4}
 
 
 def test_parts_carry_a_header_and_a_chunk():
-    # a part is (optional header, chunk bytes): field numbers and types are on the wire
+    # a part is (optional header, chunk bytes): field numbers and types are on the wire; an upload's last
+    # part may carry the digest instead (field 3)
     for msg, header in ((pb.TaskPart, "TaskHeader"), (pb.ResultPart, "ResultHeader")):
         fields = {f.name: f for f in msg.DESCRIPTOR.fields}
-        assert set(fields) == {"header", "chunk"}
+        assert set(fields) == ({"header", "chunk"} if msg is pb.TaskPart else {"header", "chunk", "sha256"})
         assert fields["header"].number == 1 and fields["header"].message_type.name == header
         assert fields["chunk"].number == 2 and fields["chunk"].type == fields["chunk"].TYPE_BYTES
     payload = {f.name: f.number for f in pb.Payload.DESCRIPTOR.fields}

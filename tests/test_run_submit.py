@@ -60,25 +60,27 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """Enough of a grpc.ServicerContext for ControlService without authentication."""
+    """Enough of a grpc.aio.ServicerContext for ControlService (authentication is the server's interceptor)."""
 
     code = details = None
 
     def invocation_metadata(self):
         return ()
 
-    def abort(self, code, details):
+    async def abort(self, code, details):
         self.code, self.details = code, details
         raise _Aborted()
 
 
 def test_the_control_api_answers_invalid_argument(manager):
+    import asyncio
+
     from fedadapt.proto import fedadapt_pb2 as pb
 
     ctx = _Context()
     with pytest.raises(_Aborted):
-        ControlService(manager, authenticate=None).SubmitRun(
-            pb.SubmitRunRequest(config_toml=with_attack("reverse-ranking", 0.2)), ctx)
+        asyncio.run(ControlService(manager).SubmitRun(
+            pb.SubmitRunRequest(config_toml=with_attack("reverse-ranking", 0.2)), ctx))
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "[attack]" in ctx.details and "\n" not in ctx.details
     assert manager.list() == []

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x61\x64\x61pt/proto/fedadapt.proto\x12\x0b\x66\x65\x64\x61\x64\x61pt.v1\"\'\n\x07Payload\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"9\n\x0bJoinRequest\x12\x19\n\x11\x63\x61pabilities_json\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"O\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"\x1e\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x8c\x01\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x15\n\rrun_spec_json\x18\x05 \x01(\t\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.fedadapt.v1.Payload\"B\n\x08TaskPart\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedadapt.v1.TaskHeader\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\x91\x01\n\x0cResultHeader\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.fedadapt.v1.Payload\"F\n\nResultPart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedadapt.v1.ResultHeader\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\x89\x01\n\tPushReply\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.fedadapt.v1.PushReply.Status\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\r\n\tDUPLICATE\x10\x01\x12\x08\n\x04LATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x10SubmitRunRequest\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x9b\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x0f\n\x07updated\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nmodel_path\x18\t \x01(\t\"-\n\x07RunList\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.fedadapt.v1.RunInfo\"\\\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0brecord_json\x18\x05 \x01(\t2\x90\x02\n\x0b\x43oordinator\x12\x38\n\x04Join\x12\x18.fedadapt.v1.JoinRequest\x1a\x16.fedadapt.v1.JoinReply\x12=\n\x08PullTask\x12\x18.fedadapt.v1.PullRequest\x1a\x15.fedadapt.v1.TaskPart0\x01\x12?\n\nPushResult\x12\x17.fedadapt.v1.ResultPart\x1a\x16.fedadapt.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedadapt.v1.HeartbeatRequest\x1a\x1b.fedadapt.v1.HeartbeatReply2\xe9\x02\n\x07\x43ontrol\x12@\n\tSubmitRun\x12\x1d.fedadapt.v1.SubmitRunRequest\x1a\x14.fedadapt.v1.RunInfo\x12>\n\x08ListRuns\x12\x1c.fedadapt.v1.ListRunsRequest\x1a\x14.fedadapt.v1.RunList\x12\x33\n\x06GetRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfo\x12\x39\n\tFollowRun\x12\x13.fedadapt.v1.RunRef\x1a\x15.fedadapt.v1.RunEvent0\x01\x12\x34\n\x07StopRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfo\x12\x36\n\tResumeRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x61\x64\x61pt/proto/fedadapt.proto\x12\x0b\x66\x65\x64\x61\x64\x61pt.v1\"\'\n\x07Payload\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"9\n\x0bJoinRequest\x12\x19\n\x11\x63\x61pabilities_json\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x80\x01\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x17\n\x0fmin_chunk_bytes\x18\x04 \x01(\r\x12\x16\n\x0e\x64igest_trailer\x18\x05 \x01(\x08\"\x1e\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x8c\x01\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x15\n\rrun_spec_json\x18\x05 \x01(\t\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.fedadapt.v1.Payload\"B\n\x08TaskPart\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedadapt.v1.TaskHeader\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\x91\x01\n\x0cResultHeader\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.fedadapt.v1.Payload\"V\n\nResultPart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedadapt.v1.ResultHeader\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\xbb\x01\n\tPushReply\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.fedadapt.v1.PushReply.Status\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"J\n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\r\n\tDUPLICATE\x10\x01\x12\x08\n\x04LATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x0b\n\x07REFUSED\x10\x04\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x10SubmitRunRequest\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xbd\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x0f\n\x07updated\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nmodel_path\x18\t \x01(\t\x12\x0f\n\x07waiting\x18\n \x01(\t\x12\x0f\n\x07refused\x18\x0b \x01(\x04\"-\n\x07RunList\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.fedadapt.v1.RunInfo\"\\\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0brecord_json\x18\x05 \x01(\t2\x90\x02\n\x0b\x43oordinator\x12\x38\n\x04Join\x12\x18.fedadapt.v1.JoinRequest\x1a\x16.fedadapt.v1.JoinReply\x12=\n\x08PullTask\x12\x18.fedadapt.v1.PullRequest\x1a\x15.fedadapt.v1.TaskPart0\x01\x12?\n\nPushResult\x12\x17.fedadapt.v1.ResultPart\x1a\x16.fedadapt.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedadapt.v1.HeartbeatRequest\x1a\x1b.fedadapt.v1.HeartbeatReply2\xe9\x02\n\x07\x43ontrol\x12@\n\tSubmitRun\x12\x1d.fedadapt.v1.SubmitRunRequest\x1a\x14.fedadapt.v1.RunInfo\x12>\n\x08ListRuns\x12\x1c.fedadapt.v1.ListRunsRequest\x1a\x14.fedadapt.v1.RunList\x12\x33\n\x06GetRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfo\x12\x39\n\tFollowRun\x12\x13.fedadapt.v1.RunRef\x1a\x15.fedadapt.v1.RunEvent0\x01\x12\x34\n\x07StopRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfo\x12\x36\n\tResumeRun\x12\x13.fedadapt.v1.RunRef\x1a\x14.fedadapt.v1.RunInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,40 +35,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYLOAD']._serialized_end=85
   _globals['_JOINREQUEST']._serialized_start=87
   _globals['_JOINREQUEST']._serialized_end=144
-  _globals['_JOINREPLY']._serialized_start=146
-  _globals['_JOINREPLY']._serialized_end=225
-  _globals['_PULLREQUEST']._serialized_start=227
-  _globals['_PULLREQUEST']._serialized_end=257
-  _globals['_TASKHEADER']._serialized_start=260
-  _globals['_TASKHEADER']._serialized_end=400
-  _globals['_TASKPART']._serialized_start=402
-  _globals['_TASKPART']._serialized_end=468
-  _globals['_RESULTHEADER']._serialized_start=471
-  _globals['_RESULTHEADER']._serialized_end=616
-  _globals['_RESULTPART']._serialized_start=618
-  _globals['_RESULTPART']._serialized_end=688
-  _globals['_PUSHREPLY']._serialized_start=691
-  _globals['_PUSHREPLY']._serialized_end=828
-  _globals['_PUSHREPLY_STATUS']._serialized_start=767
-  _globals['_PUSHREPLY_STATUS']._serialized_end=828
-  _globals['_HEARTBEATREQUEST']._serialized_start=830
-  _globals['_HEARTBEATREQUEST']._serialized_end=865
-  _globals['_HEARTBEATREPLY']._serialized_start=867
-  _globals['_HEARTBEATREPLY']._serialized_end=898
-  _globals['_SUBMITRUNREQUEST']._serialized_start=900
-  _globals['_SUBMITRUNREQUEST']._serialized_end=939
-  _globals['_LISTRUNSREQUEST']._serialized_start=941
-  _globals['_LISTRUNSREQUEST']._serialized_end=958
-  _globals['_RUNREF']._serialized_start=960
-  _globals['_RUNREF']._serialized_end=984
-  _globals['_RUNINFO']._serialized_start=987
-  _globals['_RUNINFO']._serialized_end=1142
-  _globals['_RUNLIST']._serialized_start=1144
-  _globals['_RUNLIST']._serialized_end=1189
-  _globals['_RUNEVENT']._serialized_start=1191
-  _globals['_RUNEVENT']._serialized_end=1283
-  _globals['_COORDINATOR']._serialized_start=1286
-  _globals['_COORDINATOR']._serialized_end=1558
-  _globals['_CONTROL']._serialized_start=1561
-  _globals['_CONTROL']._serialized_end=1922
+  _globals['_JOINREPLY']._serialized_start=147
+  _globals['_JOINREPLY']._serialized_end=275
+  _globals['_PULLREQUEST']._serialized_start=277
+  _globals['_PULLREQUEST']._serialized_end=307
+  _globals['_TASKHEADER']._serialized_start=310
+  _globals['_TASKHEADER']._serialized_end=450
+  _globals['_TASKPART']._serialized_start=452
+  _globals['_TASKPART']._serialized_end=518
+  _globals['_RESULTHEADER']._serialized_start=521
+  _globals['_RESULTHEADER']._serialized_end=666
+  _globals['_RESULTPART']._serialized_start=668
+  _globals['_RESULTPART']._serialized_end=754
+  _globals['_PUSHREPLY']._serialized_start=757
+  _globals['_PUSHREPLY']._serialized_end=944
+  _globals['_PUSHREPLY_STATUS']._serialized_start=870
+  _globals['_PUSHREPLY_STATUS']._serialized_end=944
+  _globals['_HEARTBEATREQUEST']._serialized_start=946
+  _globals['_HEARTBEATREQUEST']._serialized_end=981
+  _globals['_HEARTBEATREPLY']._serialized_start=983
+  _globals['_HEARTBEATREPLY']._serialized_end=1014
+  _globals['_SUBMITRUNREQUEST']._serialized_start=1016
+  _globals['_SUBMITRUNREQUEST']._serialized_end=1055
+  _globals['_LISTRUNSREQUEST']._serialized_start=1057
+  _globals['_LISTRUNSREQUEST']._serialized_end=1074
+  _globals['_RUNREF']._serialized_start=1076
+  _globals['_RUNREF']._serialized_end=1100
+  _globals['_RUNINFO']._serialized_start=1103
+  _globals['_RUNINFO']._serialized_end=1292
+  _globals['_RUNLIST']._serialized_start=1294
+  _globals['_RUNLIST']._serialized_end=1339
+  _globals['_RUNEVENT']._serialized_start=1341
+  _globals['_RUNEVENT']._serialized_end=1433
+  _globals['_COORDINATOR']._serialized_start=1436
+  _globals['_COORDINATOR']._serialized_end=1708
+  _globals['_CONTROL']._serialized_start=1711
+  _globals['_CONTROL']._serialized_end=2072
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,12 @@ class ResultMessage:
     num_examples: int
     metrics: dict[str, Any]
     payload: bytes
+    # the examples the client said it holds when it sent this (a coordinator stamps what the client declared at
+    # Join); None: what the transport's clients() said when the round opened
+    registered: int | None = None
+    # RoundEngine.check_answer's verdict, kept so that close_round does not decode the payload a second time:
+    # (task, global state, ClientResult or PayloadError), used only for the same task and state
+    checked: Any = field(default=None, repr=False, compare=False)
 
 
 class Transport(Protocol):
@@ -79,6 +85,8 @@ class RoundEngine:
         self.max_payload_bytes = max_payload_bytes
         self.evaluate = evaluate
         self.eval_every = eval_every
+        self._registered: dict[str, int] = {}  # examples each client of the open round said it holds
+        self._open: dict[str, Task] = {}  # the open round's tasks, by client
 
     def run(self, rounds: int, on_round: Callable[[RoundRecord], None] = lambda r: None) -> GlobalState:
         for rnd in range(self.state.round + 1, rounds + 1):
@@ -95,7 +103,9 @@ class RoundEngine:
     # A round's two halves, apart so that a runtime driving the exchange itself (Flower's Strategy API,
     # fedadapt.flower) runs this very configure, validation and aggregation rather than a copy of them.
     def open_round(self, rnd: int, clients: list[ClientInfo]) -> tuple[dict[str, Task], list[TaskMessage]]:
+        self._registered = {c.client_id: c.num_examples for c in clients}
         tasks = self.strategy.configure(rnd, clients, self.state)
+        self._open = tasks
         messages, encoded = [], {}
         for cid, task in tasks.items():
             key = id(task.tensors)  # a broadcast dict is encoded once, whatever the number of clients
@@ -151,16 +161,76 @@ class RoundEngine:
             raise PayloadError(f"duplicate result from client {reply.client_id!r}")
         if reply.round != rnd:
             raise PayloadError(f"stale result for round {reply.round}, the current round is {rnd}")
-        refused = reply.metrics.get("refused")  # the client sent no update, and why (runtime/executor.py)
-        if isinstance(refused, str) and refused:
+        if _refusal(reply) is not None:
             self.strategy.refused(reply.client_id, _finite_metrics(reply.metrics))  # e.g. at its privacy budget
+        task = asked[reply.client_id]
+        cached = reply.checked
+        if cached is not None and cached[0] is task and cached[1] is self.state:  # judged when it arrived
+            if isinstance(cached[2], PayloadError):
+                raise cached[2]
+            return cached[2]
+        return self.check(reply, task)
+
+    def check_answer(self, reply: ResultMessage) -> None:
+        """`check` against the open round's task of the client that sent `reply` (PayloadError if none); the
+        verdict is kept on `reply` for `close_round`."""
+        task = self._open.get(reply.client_id)
+        if task is None:
+            raise PayloadError(f"client {reply.client_id!r} was not asked to train in this round")
+        state = self.state
+        try:
+            verdict = self.check(reply, task)
+        except PayloadError as exc:
+            reply.checked = (task, state, exc)
+            raise
+        reply.checked = (task, state, verdict)
+
+    def check(self, reply: ResultMessage, task: Task) -> ClientResult:
+        """`reply` as the answer to `task`, validated (a refusal, the example count and what the task allows,
+        the strategy's payload contract, finiteness), or PayloadError with the reason. No side effect: a
+        coordinator calls it when an upload arrives, to tell the client at once, and `close_round` judges
+        every result again the same way."""
+        refused = _refusal(reply)
+        if refused is not None:
             raise PayloadError(f"client sent no update: {refused[:300]}")
         n = reply.num_examples
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise PayloadError(f"num_examples must be an integer in [1, {MAX_EXAMPLES}], got {n!r}")
-        contract = self.strategy.task_contract(self.state, asked[reply.client_id])  # per client: shapes may vary
+        if task.kind == "train":
+            registered = reply.registered if reply.registered is not None else self._registered.get(reply.client_id, 0)
+            allowed, why = examples_allowed(task.config, registered)
+            if n > allowed:
+                raise PayloadError(f"num_examples {n} is more than this task allows: {allowed} ({why})")
+        contract = self.strategy.task_contract(self.state, task)  # per client: shapes may vary
         tensors = codec.decode(reply.payload, contract=contract, max_bytes=self.max_payload_bytes)
         return ClientResult(reply.client_id, n, tensors, _finite_metrics(reply.metrics))
+
+
+def examples_allowed(config: dict[str, Any], registered: int) -> tuple[int, str]:
+    """The most examples a client can claim for a training task, and why: what the task lets it train on
+    (local steps x batch size; local epochs x the examples it registered), and never less than what it
+    registered (FedAvg weighs a client by the size of its data, which an honest client reports). A claim
+    above this would let one client outweigh the others at will."""
+    registered = max(int(registered or 0), 0)
+    try:
+        epochs = int(config.get("local_epochs", 0) or 0)
+        steps = int(config.get("local_steps", 0) or 0)
+        batch = int(config.get("batch_size", 0) or 0) * max(int(config.get("grad_accum_steps", 1) or 1), 1)
+    except (TypeError, ValueError, OverflowError):
+        return MAX_EXAMPLES, "the task does not say"
+    if epochs > 0:
+        return min(epochs * registered, MAX_EXAMPLES), f"{epochs} local epochs x the {registered} examples it registered"
+    if steps > 0 and batch > 0:
+        if registered > steps * batch:
+            return min(registered, MAX_EXAMPLES), f"the {registered} examples it registered"
+        return min(steps * batch, MAX_EXAMPLES), f"{steps} local steps x batch size {batch}"
+    return MAX_EXAMPLES, "the task does not say"
+
+
+def _refusal(reply: ResultMessage) -> str | None:
+    """Why the client sent no update (runtime/executor.py), or None if it sent one."""
+    refused = reply.metrics.get("refused")
+    return refused if isinstance(refused, str) and refused else None
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:

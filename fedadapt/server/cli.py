@@ -40,6 +40,21 @@ def add_parsers(sub) -> None:
     tls.add_argument("--insecure", action="store_true", help="no TLS and an open Control service (loopback only)")
     start.add_argument("--data-dir", type=Path, help="tensor blobs (default: next to a SQLite database, DB.blobs/)")
     start.add_argument("--max-payload-mb", type=int, default=256, help="largest upload accepted (default 256)")
+    start.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics on this port (default: off); see --metrics-address")
+    start.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
+    start.add_argument("--straggler-factor", type=float, default=3.0,
+                       help="once coordinator.min_results clients of a round answered, the others get this many times "
+                            "their median answer time (default 3; 0: wait for every connected client)")
+    start.add_argument("--straggler-min-s", type=float, default=30.0,
+                       help="the stragglers' grace is never shorter than this (default 30 seconds)")
+    start.add_argument("--max-uploads", type=int, default=1024, help="uploads in flight at once (default 1024)")
+    start.add_argument("--upload-buffer-mb", type=int, default=2048,
+                       help="payload bytes of uploads in flight, in all (default 2048)")
+    start.add_argument("--max-connections", type=int, default=4096,
+                       help="open connections at once; gRPC refuses more before their handshake (default 4096)")
+    start.add_argument("--upload-idle-s", type=float, default=30.0,
+                       help="the longest wait for the next part of an upload (default 30)")
 
     certs = sub.add_parser("certs", help="make TLS certificates and credentials").add_subparsers(dest="action", required=True)
     init = certs.add_parser("init", help="a CA, a server certificate, admin and per-client credentials")
@@ -105,26 +120,49 @@ def _server_start(args) -> int:
     from fedadapt.core.memory import reuse_freed_memory
     from fedadapt.server import certs
     from fedadapt.server.hub import ClientHub
+    from fedadapt.server.registry import Registry
     from fedadapt.server.runs import RunManager
-    from fedadapt.server.service import CachedAuth, serve
+    from fedadapt.server.service import Limits, serve
+    from fedadapt.server.telemetry import RefusalLog, Stats, serve_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for flag in ("max_payload_mb", "max_uploads", "upload_buffer_mb", "max_connections"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    if args.straggler_factor < 0 or args.straggler_min_s < 0 or args.upload_idle_s <= 0:
+        raise ConfigError("--straggler-factor and --straggler-min-s must be >= 0, --upload-idle-s > 0")
     reuse_freed_memory()
     store = _open_store(args.database, args.data_dir)
     credentials, admin = None, None
     if not args.insecure:
         credentials = certs.server_credentials(args.tls_dir)
         admin = _admin_check(certs.admin_token(args.tls_dir))
-    hub = ClientHub()
+    hub = ClientHub(straggler_factor=args.straggler_factor, straggler_min_s=args.straggler_min_s)
     max_bytes = args.max_payload_mb * 1024 * 1024
-    manager = RunManager(store, hub, max_bytes)
-
-    server, port = serve(args.address, hub, manager, authenticate=CachedAuth(store.check_client),
-                         admin_authenticate=admin, credentials=credentials, max_payload_bytes=max_bytes)
+    stats = Stats()
+    refusals = RefusalLog(store, stats)
+    manager = RunManager(store, hub, max_bytes, refusals)
+    registry = Registry(store, on_revoked=lambda name, why: hub.revoke(name, why) and log_revoked(name, why))
+    limits = Limits(max_bytes, max_uploads=args.max_uploads, buffer_bytes=args.upload_buffer_mb * 2**20,
+                    idle_s=args.upload_idle_s, max_connections=args.max_connections)
+    metrics = None
+    if args.metrics_port:
+        metrics, metrics_port = serve_metrics(stats, args.metrics_port, args.metrics_address)
+    # the runs first: a run interrupted by a restart is the active run before the first client can re-upload
+    manager.start()
+    try:
+        server, port = serve(args.address, hub, manager, authenticate=registry, admin_authenticate=admin,
+                             credentials=credentials, max_payload_bytes=max_bytes, limits=limits, refusals=refusals,
+                             stats=stats, seen=registry.seen)
+    except BaseException:
+        manager.close()
+        registry.close()
+        refusals.close()
+        raise
     host = args.address.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{port} ({'insecure' if args.insecure else 'TLS'}), "
-          f"database {_shown(args.database)}", file=sys.stderr, flush=True)
-    manager.start()
+          f"database {_shown(args.database)}" + (f", metrics on http://{args.metrics_address}:{metrics_port}/metrics"
+                                                 if metrics else ""), file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -133,8 +171,16 @@ def _server_start(args) -> int:
     manager.close()
     hub.shutdown()
     server.stop(grace=2.0).wait()
+    registry.close()
+    refusals.close()
+    if metrics is not None:
+        metrics.shutdown()
     store.close()
     return 0
+
+
+def log_revoked(name: str, why: str) -> None:
+    logging.getLogger("fedadapt.server").warning("client %s %s: its session is closed", name, why)
 
 
 def _admin_check(expected: str):
@@ -291,9 +337,16 @@ def _follow(stub, md, run_id: str) -> int:
                 parts.append(f"epsilon {eps:.3f}")
             if r.get("rejected"):
                 parts.append(f"{len(r['rejected'])} rejected")
+            refused = r.get("refused") or {}
+            if refused:
+                parts.append(f"{sum(refused.values())} refused (" + ", ".join(f"{code} {n}" for code, n in
+                                                                           refused.items()) + ")")
             if r.get("skipped"):
                 parts.append(f"skipped: {r['skipped']}")
             print("  ".join(parts), flush=True)
+        elif ev.kind == "waiting":
+            if ev.status:
+                print(f"run {run_id}: {ev.status}", flush=True)
         else:
             status = ev.status
             error = json.loads(ev.record_json or "{}").get("error")
@@ -303,12 +356,14 @@ def _follow(stub, md, run_id: str) -> int:
 
 def _print_runs(runs, fmt: str, single: bool = False) -> None:
     rows = [{"run_id": r.run_id, "name": r.name, "status": r.status, "round": r.round, "rounds": r.rounds,
-             "created": r.created, "updated": r.updated, "error": r.error, "model_path": r.model_path} for r in runs]
+             "created": r.created, "updated": r.updated, "error": r.error, "model_path": r.model_path,
+             "waiting": r.waiting, "refused": r.refused} for r in runs]
     if fmt == "json":
         print(json.dumps(rows[0] if single else rows, indent=2))
         return
-    _table(["run", "name", "status", "round", "created", "error"],
-           [[r["run_id"], r["name"], r["status"], f"{r['round']}/{r['rounds']}", r["created"], r["error"]] for r in rows])
+    _table(["run", "name", "status", "round", "created", "refused", "error"],
+           [[r["run_id"], r["name"], r["status"] + (f" ({r['waiting']})" if r["waiting"] else ""),
+             f"{r['round']}/{r['rounds']}", r["created"], r["refused"], r["error"]] for r in rows])
 
 
 def _with_overrides(text: str, overrides: list[str]) -> str:

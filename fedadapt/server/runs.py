@@ -22,6 +22,7 @@ from fedadapt.runtime import setup
 from fedadapt.runtime.engine import RoundEngine, RoundRecord
 from fedadapt.server.hub import ClientHub
 from fedadapt.server.store import LedgerEntry, Participation, RunRow, Store, StoreError
+from fedadapt.server.telemetry import RefusalLog, Stats
 from fedadapt.strategies import private
 from fedadapt.strategies.base import GlobalState
 
@@ -34,10 +35,13 @@ class RunStopped(Exception):
 
 
 class RunManager:
-    def __init__(self, store: Store, hub: ClientHub, max_payload_bytes: int = codec.DEFAULT_MAX_BYTES):
+    def __init__(self, store: Store, hub: ClientHub, max_payload_bytes: int = codec.DEFAULT_MAX_BYTES,
+                 refusals: RefusalLog | None = None, stats: Stats | None = None):
         self.store = store
         self.hub = hub
         self.max_payload_bytes = max_payload_bytes
+        self.stats = stats or (refusals.stats if refusals is not None else Stats())
+        self.refusals = refusals or RefusalLog(None, self.stats)
         self._cond = threading.Condition()
         self._active: str | None = None
         self._stop_active = False
@@ -80,28 +84,47 @@ class RunManager:
         return self.get(run_id)
 
     def follow(self, run_id: str, is_active: Callable[[], bool]) -> Iterator[pb.RunEvent]:
-        self._row(run_id)  # unknown ids fail now, not inside the stream
+        state = self.follow_start(run_id)  # unknown ids fail now, not inside the stream
 
         def events() -> Iterator[pb.RunEvent]:
-            seen, last_status = 0, None
             while is_active():
-                for rnd, record in self.store.records(run_id, after=seen):
-                    seen = rnd
-                    yield pb.RunEvent(run_id=run_id, kind="round", round=rnd, record_json=json.dumps(record))
-                row = self.store.get_run(run_id)
-                if row.status != last_status:
-                    last_status = row.status
-                    yield pb.RunEvent(run_id=run_id, kind="status", round=row.round, status=row.status,
-                                      record_json=json.dumps({"error": row.error}))
-                if row.status in TERMINAL and row.round == seen:
+                events, done = self.follow_poll(state)
+                yield from events
+                if done:
                     return
                 with self._cond:
                     self._cond.wait(timeout=1.0)
 
         return events()
 
+    def follow_start(self, run_id: str) -> dict:
+        """What `follow_poll` needs; raises KeyError for an unknown run."""
+        self._row(run_id)
+        return {"run_id": run_id, "seen": 0, "status": None, "waiting": ""}
+
+    def follow_poll(self, state: dict) -> tuple[list[pb.RunEvent], bool]:
+        """The events since the last poll of `state` (committed rounds, a status change, what the run waits
+        for), and whether the run is over."""
+        run_id, out = state["run_id"], []
+        for rnd, record in self.store.records(run_id, after=state["seen"]):
+            state["seen"] = rnd
+            out.append(pb.RunEvent(run_id=run_id, kind="round", round=rnd, record_json=json.dumps(record)))
+        row = self.store.get_run(run_id)
+        if row.status != state["status"]:
+            state["status"] = row.status
+            out.append(pb.RunEvent(run_id=run_id, kind="status", round=row.round, status=row.status,
+                                   record_json=json.dumps({"error": row.error})))
+        waiting = self._waiting(row)
+        if waiting != state["waiting"]:
+            state["waiting"] = waiting
+            out.append(pb.RunEvent(run_id=run_id, kind="waiting", round=row.round, status=waiting))
+        return out, row.status in TERMINAL and row.round == state["seen"]
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        interrupted = next(iter(self.store.runs_with_status("running")), None)  # the coordinator restarted
+        if interrupted is not None:  # its clients' re-uploads are held from the first moment, not refused
+            self.hub.expect_run(interrupted.run_id, interrupted.round + 1)
         self._thread.start()
 
     def close(self) -> None:
@@ -109,7 +132,8 @@ class RunManager:
             self._closing = True
             self.hub.abort()
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def _loop(self) -> None:
         while True:
@@ -132,13 +156,21 @@ class RunManager:
     def _execute(self, row: RunRow) -> None:
         run_id = row.run_id
         self.store.set_status(run_id, "running")
+        # clients retrying an upload for the round in flight when the coordinator stopped are held from now,
+        # not refused as "not the active run" while the run's model is being built
+        self.hub.expect_run(run_id, row.round + 1)
         self._notify()
         try:
             cfg = load_config_text(row.config_toml, source=f"run {run_id}")
             setup.check(cfg, "coordinator")  # a run queued before a check existed fails rather than runs
             self._rounds(run_id, cfg)
         except RunStopped:
-            log.info("run %s stopped", run_id)
+            if self._closing and not self._stop_active:
+                committed = self.store.get_run(run_id).round
+                log.info("coordinator shutting down: run %s stays running after committed round %d and resumes "
+                         "from there when the coordinator starts again", run_id, committed)
+            else:
+                log.info("run %s stopped", run_id)
             return
         except FedadaptError as exc:
             log.error("run %s failed: %s", run_id, exc)
@@ -149,6 +181,7 @@ class RunManager:
             self.store.set_status(run_id, "failed", f"internal error: {exc!r}")
             return
         finally:
+            self.hub.end_run()
             self._notify()
         with self._cond:
             if self._stop_active:
@@ -172,7 +205,8 @@ class RunManager:
             engine.state = GlobalState(commit.tensors, commit.aux, commit.round)
             strategy.load_state_dict(commit.strategy_state)
             log.info("run %s resumes after committed round %d", run_id, commit.round)
-        self.hub.begin_run(run_id, json.dumps({**run.spec_for_clients(), "run_id": run_id}))
+        self.hub.begin_run(run_id, json.dumps({**run.spec_for_clients(), "run_id": run_id}),
+                           next_round=engine.state.round + 1, quorum=c.min_results, validator=engine.check_answer)
         need = c.min_clients or c.min_results
         for rnd in range(engine.state.round + 1, cfg.rounds + 1):
             if not self.hub.wait_for_clients(need, c.join_timeout or None):
@@ -188,16 +222,18 @@ class RunManager:
         parts = [Participation(cid, info["status"], info["reason"], info["up"], info["down"])
                  for cid, info in record.per_client.items()]
         extra = []
-        for ev in self.hub.drain_events():  # late, dropped and transport-rejected uploads
+        for ev in self.hub.drain_events(run_id):  # late answers, clients that left
             extra.append(dataclasses.asdict(ev))
             if ev.status in ("late", "rejected") or ev.client not in record.per_client:
                 reason = ev.reason if ev.round == record.round else f"round {ev.round}: {ev.reason}"
                 parts.append(Participation(ev.client, ev.status, reason, ev.bytes_up, 0))
         data = dataclasses.asdict(record)
         data["events"] = extra
+        data["refused"] = self.refusals.take(run_id)  # uploads refused since the previous commit, by code
         s = engine.state
         ledger = [LedgerEntry(cid, float(eps), delta) for cid, eps in private.epsilon_metrics(record.strategy).items()]
         self.store.commit_round(run_id, record.round, s.tensors, s.aux, strategy.state_dict(), data, parts, ledger)
+        self.stats.inc("rounds_committed")
         acc = "" if record.accuracy is None else f" accuracy {record.accuracy:.3f}"
         log.info("run %s round %d committed: %d results%s%s", run_id, record.round, len(record.clients), acc,
                  f" (skipped: {record.skipped})" if record.skipped else "")
@@ -221,9 +257,19 @@ class RunManager:
 
     def _info(self, r: RunRow) -> pb.RunInfo:
         path = self.store.model_path(r.run_id)
+        refused = sum(self.store.refusal_counts(r.run_id).values())
         return pb.RunInfo(run_id=r.run_id, name=r.name, status=r.status, rounds=r.rounds, round=r.round,
                           created=_iso(r.created_at), updated=_iso(r.updated_at), error=r.error or "",
-                          model_path=str(path) if path else "")
+                          model_path=str(path) if path else "", waiting=self._waiting(r), refused=refused)
+
+    def _waiting(self, r: RunRow) -> str:
+        """What a run waits for now: clients, answers, or its turn."""
+        if r.status == "running" and self._active == r.run_id:
+            return self.hub.waiting()
+        if r.status == "queued":
+            active = self._active
+            return f"queued behind run {active}" if active else "queued"
+        return ""
 
 
 def _iso(t) -> str:

@@ -41,6 +41,7 @@ from sqlalchemy import (
     create_engine,
     event,
     exc,
+    func,
     insert,
     select,
 )
@@ -54,10 +55,10 @@ from fedadapt.core.errors import AuthError
 
 from .blobs import BlobStore, StoreError
 
-__all__ = ["SCHEMA_VERSION", "ClientRow", "Commit", "LedgerEntry", "Participation", "RunRow", "Store", "StoreError",
-           "hash_token", "normalize_url"]
+__all__ = ["SCHEMA_VERSION", "ClientRow", "Commit", "LedgerEntry", "Participation", "RefusalRow", "RunRow", "Store",
+           "StoreError", "hash_token", "normalize_url"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUN_STATUSES = ("queued", "running", "stopped", "finished", "failed")
 # "no-result" (asked, never answered) comes from the round engine, "refused" from the hub (e.g. an
 # upload for a run or round the coordinator is not running).
@@ -110,6 +111,24 @@ class Participation:
     bytes_up: int = 0
     bytes_down: int = 0
     round: int | None = field(default=None, compare=False)  # filled when read back; ignored on commit
+
+
+@dataclass(frozen=True)
+class RefusalRow:
+    """Uploads (or calls) the coordinator did not take, alike ones between two writes counted in one row: the
+    run that was active ("" when none), its round then, the client ("" when it could not authenticate), a
+    code for programs and the reason the sender was given."""
+
+    run_id: str
+    round: int
+    client: str
+    code: str
+    reason: str
+    count: int = 1
+    bytes_up: int = 0
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+    status: str = "refused"
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,24 @@ class _PrivacyLedger(Base):
     delta: Mapped[float] = mapped_column(Float)
 
 
+class _Refusal(Base):
+    # Not tied to a committed round (a refusal may come while no run is active, or in a round never
+    # committed), so no foreign key; written as refusals happen, in batches.
+    __tablename__ = "refusals"
+    __table_args__ = (Index("refusals_run", "run_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(16), default="refused")
+    run_id: Mapped[str] = mapped_column(String(64), default="")
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    client: Mapped[str] = mapped_column(String(_MAX_NAME), default="")
+    code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 def _create_v1(conn: Connection) -> None:
     # Version 1 tables. A later version adds its own step; never edit this one once released.
     tables = [m.__table__ for m in (_Client, _Run, _Round, _Participation)]
@@ -236,7 +273,12 @@ def _create_v2(conn: Connection) -> None:
     Base.metadata.create_all(conn, tables=[_PrivacyLedger.__table__])
 
 
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _create_v2}
+def _create_v3(conn: Connection) -> None:
+    # Version 3: refused uploads and calls (status "refused", a code and the reason the sender was given).
+    Base.metadata.create_all(conn, tables=[_Refusal.__table__])
+
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _create_v2, 3: _create_v3}
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -426,6 +468,51 @@ class Store:
             if row is None:
                 raise StoreError(f"client {name!r} is not registered")
             row.last_seen = _now()
+
+    def touch_clients(self, seen: Mapping[str, datetime]) -> None:
+        """Set `last_seen` of many clients at once (names that are not registered are skipped)."""
+        if not seen:
+            return
+        with self._session(write=True) as s:
+            for row in s.execute(select(_Client).where(_Client.name.in_(list(seen)))).scalars():
+                at = seen[row.name]
+                if row.last_seen is None or row.last_seen < at:
+                    row.last_seen = at
+
+    def registry(self) -> dict[str, tuple[str, bool]]:
+        """Every registered client: name -> (sha256 of its token, revoked). One query, for an in-memory check."""
+        with self._session() as s:
+            rows = s.execute(select(_Client.name, _Client.token_hash, _Client.revoked_at))
+            return {name: (token_hash, revoked_at is not None) for name, token_hash, revoked_at in rows}
+
+    # -- refusals
+
+    def add_refusals(self, rows: Sequence[RefusalRow]) -> None:
+        if not rows:
+            return
+        now = _now()
+        with self._session(write=True) as s:
+            s.execute(insert(_Refusal), [
+                {"status": r.status, "run_id": str(r.run_id)[:64], "round": max(int(r.round), 0),
+                 "client": str(r.client)[:_MAX_NAME], "code": str(r.code)[:32], "reason": str(r.reason)[:2000],
+                 "count": max(int(r.count), 1), "bytes_up": min(max(int(r.bytes_up), 0), 2**63 - 1),
+                 "first_at": r.first_at or now, "last_at": r.last_at or now} for r in rows])
+
+    def refusals(self, run_id: str | None = None) -> list[RefusalRow]:
+        """Recorded refusals, oldest first; those of one run (\"\" for those while no run was active) if given."""
+        with self._session() as s:
+            q = select(_Refusal)
+            if run_id is not None:
+                q = q.where(_Refusal.run_id == run_id)
+            return [RefusalRow(r.run_id, r.round, r.client, r.code, r.reason, r.count, r.bytes_up, r.first_at,
+                               r.last_at, r.status) for r in s.execute(q.order_by(_Refusal.id)).scalars()]
+
+    def refusal_counts(self, run_id: str) -> dict[str, int]:
+        """How many refusals of each code were recorded while `run_id` was active."""
+        with self._session() as s:
+            q = (select(_Refusal.code, func.sum(_Refusal.count)).where(_Refusal.run_id == run_id)
+                 .group_by(_Refusal.code))
+            return {code: int(n) for code, n in s.execute(q)}
 
     # -- runs
 
