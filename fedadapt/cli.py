@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=("peft", "merged"), default="peft",
                         help="peft: an adapter for the base model (default); merged: a full model folder")
     export.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--model", help="the base model folder on this machine (default: the run's [model] source; "
+                                        "for a run downloaded from a coordinator whose path differs)")
 
     from fedadapt.client import cli as client_cli
     from fedadapt.server import cli as server_cli
@@ -115,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from fedadapt.export import export
 
-        print(f"{args.format} model written to {export(args.run_dir, args.format, args.out)}")
+        print(f"{args.format} model written to {export(args.run_dir, args.format, args.out, args.model)}")
         return 0
     raise AssertionError(args.command)
 

@@ -38,11 +38,14 @@ FORMATS = ("peft", "merged")
 PEFT_PREFIX = "encoder.base_model.model."  # fedadapt's name of a module inside the peft-wrapped transformer
 
 
-def export(run_dir: Path, fmt: str, out: Path) -> Path:
-    """Write the run's global model to `out` in `fmt`; returns `out`."""
+def export(run_dir: Path, fmt: str, out: Path, model_source: str | None = None) -> Path:
+    """Write the run's global model to `out` in `fmt` (on the base at `model_source`, default the run's own);
+    returns `out`."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg, tensors = _read_run(run_dir)
+    if model_source:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source=model_source))
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; give another --out")
     # fp32 on the CPU, unquantized: merging into a 4-bit or bf16 base would round the adapter away

@@ -1,9 +1,11 @@
 """The causal-LM task through a real coordinator and client daemons on 127.0.0.1: a coordinator killed with
-SIGKILL in the middle of a round resumes, and the final adapter equals the in-process simulation bit for bit."""
+SIGKILL in the middle of a round resumes, and the final adapter equals the in-process simulation bit for bit;
+`fedadapt run download` fetches it (with its config) into a run dir that `fedadapt export` takes."""
 
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from chat import chat_file, chat_toml, tiny_lm  # tests/chat.py
@@ -44,5 +46,19 @@ def test_kill9_coordinator_mid_round_resumes_a_causal_lm_run_bit_identical(tmp_p
             assert [r for r, _ in store.records(run_id)] == [1, 2, 3]
             records = dict(store.records(run_id))
         assert all(r["perplexity"] is not None and not r["rejected"] for r in records.values())
+
+        # the run as files, through the Control service: what `export` needs, on another machine
+        out = tmp_path / "downloaded"
+        done = d.run("download", run_id, "--out", out)
+        assert f"round 3: config.toml and model.safetensors written to {out}" in done.stdout
+        assert (out / "config.toml").read_text() == toml
+        assert (out / "model.safetensors").read_bytes() == Path(info["model_path"]).read_bytes()
+        assert d.cli("export", out, "--format", "peft", "--out", tmp_path / "adapter").returncode == 0
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+        again = d.run("download", run_id, "--out", out, check=False)  # never mixes two downloads in one folder
+        assert again.returncode == 2 and "exists and is not an empty folder" in again.stderr
+        unknown = d.run("download", "run-00000000", "--out", tmp_path / "x", check=False)
+        assert unknown.returncode == 2 and "no run 'run-00000000'" in unknown.stderr, unknown.stderr
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     finally:
         d.close()

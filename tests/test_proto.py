@@ -27,6 +27,7 @@ SERVICES = {
         "FollowRun": ("RunRef", "RunEvent", False, True),
         "StopRun": ("RunRef", "RunInfo", False, False),
         "ResumeRun": ("RunRef", "RunInfo", False, False),
+        "DownloadRun": ("RunRef", "RunFile", False, True),
     },
 }
 

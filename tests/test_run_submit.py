@@ -84,3 +84,21 @@ def test_the_control_api_answers_invalid_argument(manager):
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "[attack]" in ctx.details and "\n" not in ctx.details
     assert manager.list() == []
+
+
+def test_downloading_a_run_with_no_committed_round_or_an_unknown_run_is_one_line(manager):
+    import asyncio
+
+    from fedadapt.proto import fedadapt_pb2 as pb
+
+    run_id = manager.submit(BASE).run_id  # queued: nothing committed yet
+
+    async def drain(ref):
+        return [part async for part in ControlService(manager).DownloadRun(ref, ctx)]
+
+    for ref, code, says in [(run_id, grpc.StatusCode.INVALID_ARGUMENT, "has no committed round yet"),
+                            ("run-00000000", grpc.StatusCode.NOT_FOUND, "no run 'run-00000000'")]:
+        ctx = _Context()
+        with pytest.raises(_Aborted):
+            asyncio.run(drain(pb.RunRef(run_id=ref)))
+        assert ctx.code == code and says in ctx.details and "\n" not in ctx.details

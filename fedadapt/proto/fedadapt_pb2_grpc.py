@@ -278,6 +278,11 @@ class ControlStub:
                 request_serializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.SerializeToString,
                 response_deserializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunInfo.FromString,
                 _registered_method=True)
+        self.DownloadRun = channel.unary_stream(
+                '/fedadapt.v1.Control/DownloadRun',
+                request_serializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.SerializeToString,
+                response_deserializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunFile.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -322,6 +327,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadRun(self, request, context):
+        """The run's config and its latest committed global model, as files: `fedadapt run download` writes them to a
+        run directory that `fedadapt export` takes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -354,6 +367,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ResumeRun,
                     request_deserializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.FromString,
                     response_serializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunInfo.SerializeToString,
+            ),
+            'DownloadRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadRun,
+                    request_deserializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.FromString,
+                    response_serializer=fedadapt_dot_proto_dot_fedadapt__pb2.RunFile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -520,6 +538,33 @@ class Control:
             '/fedadapt.v1.Control/ResumeRun',
             fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.SerializeToString,
             fedadapt_dot_proto_dot_fedadapt__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedadapt.v1.Control/DownloadRun',
+            fedadapt_dot_proto_dot_fedadapt__pb2.RunRef.SerializeToString,
+            fedadapt_dot_proto_dot_fedadapt__pb2.RunFile.FromString,
             options,
             channel_credentials,
             insecure,

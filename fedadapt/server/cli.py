@@ -80,7 +80,8 @@ def add_parsers(sub) -> None:
     actions = run.add_subparsers(dest="action", required=True)
     for name, text in [("submit", "queue a run from a TOML file"), ("list", "runs on the coordinator"),
                        ("get", "one run"), ("follow", "live progress until the run ends"),
-                       ("stop", "stop a run (its committed rounds are kept)"), ("resume", "continue a stopped run")]:
+                       ("stop", "stop a run (its committed rounds are kept)"), ("resume", "continue a stopped run"),
+                       ("download", "fetch a run's config and latest committed model into a run dir for `export`")]:
         p = actions.add_parser(name, help=text)
         if name == "submit":
             p.add_argument("config", type=Path)
@@ -88,6 +89,8 @@ def add_parsers(sub) -> None:
             p.add_argument("--follow", action="store_true", help="then follow it until it ends")
         elif name != "list":
             p.add_argument("run_id")
+        if name == "download":
+            p.add_argument("--out", type=Path, required=True, help="the run dir to write (must not exist or be empty)")
         p.add_argument("--coordinator", default=os.environ.get("FEDADAPT_COORDINATOR", DEFAULT_ADDRESS),
                        help="HOST:PORT (default: $FEDADAPT_COORDINATOR or 127.0.0.1:7070)")
         p.add_argument("--credentials", type=Path, default=os.environ.get("FEDADAPT_CREDENTIALS"),
@@ -288,12 +291,66 @@ def _run(args) -> int:
                 return 0
             if args.action == "follow":
                 return _follow(stub, md, args.run_id)
+            if args.action == "download":
+                return _download(stub, md, args.run_id, args.out)
             call = {"get": stub.GetRun, "stop": stub.StopRun, "resume": stub.ResumeRun}[args.action]
             info = call(pb.RunRef(run_id=args.run_id), metadata=md, timeout=30)
             _print_runs([info], getattr(args, "format", "table"), single=True)
             return 0
     except grpc.RpcError as exc:
         raise _rpc_error(exc, args.coordinator) from None
+
+
+def _download(stub, md, run_id: str, out: Path) -> int:
+    """Write the run's files as they stream, each checked against its announced size and sha256, into a staging
+    folder renamed to `out` only once all of them are whole."""
+    import hashlib
+    import shutil
+
+    from fedadapt.proto import fedadapt_pb2 as pb
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; give another --out")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    files: dict[str, int] = {}
+    current = None  # (name, size, sha256, file, hash)
+
+    def finish() -> None:
+        name, size, want, f, h = current
+        f.close()
+        if files[name] != size or h.hexdigest() != want:
+            raise FedadaptError(f"{name} arrived damaged ({files[name]} of {size} bytes, sha256 mismatch or short)")
+
+    try:
+        for part in stub.DownloadRun(pb.RunRef(run_id=run_id), metadata=md, timeout=3600):
+            if part.name:
+                if current:
+                    finish()
+                if part.name not in ("config.toml", "model.safetensors") or part.name in files:
+                    raise FedadaptError(f"the coordinator sent an unexpected file {part.name!r}")
+                current, rnd = (part.name, part.size, part.sha256, open(staging / part.name, "wb"),
+                                hashlib.sha256()), part.round
+                files[part.name] = 0
+            elif current:
+                current[3].write(part.chunk)
+                current[4].update(part.chunk)
+                files[current[0]] += len(part.chunk)
+        if current:
+            finish()
+        if set(files) != {"config.toml", "model.safetensors"}:
+            raise FedadaptError(f"the download of run {run_id} ended early ({', '.join(files) or 'nothing'} received)")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        if current and not current[3].closed:
+            current[3].close()
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"run {run_id}, round {rnd}: config.toml and model.safetensors written to {out}; next: "
+          f"fedadapt export {out} --format peft --out ADAPTER_DIR")
+    return 0
 
 
 def _control_channel(args):

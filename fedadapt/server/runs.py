@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from fedadapt.core import codec
 from fedadapt.core.config import RunConfig, load_config_text
@@ -62,6 +63,14 @@ class RunManager:
 
     def get(self, run_id: str) -> pb.RunInfo:
         return self._info(self._row(run_id))
+
+    def download(self, run_id: str) -> tuple[int, str, Path]:
+        """A run's last committed round, its config (as submitted) and the path of that round's global model."""
+        row = self._row(run_id)
+        last = self.store.last_model(run_id)
+        if last is None:
+            raise FedadaptError(f"run {run_id} has no committed round yet: there is no model to download")
+        return last[0], row.config_toml, last[1]
 
     def stop(self, run_id: str) -> pb.RunInfo:
         row = self._row(run_id)

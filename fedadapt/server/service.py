@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -469,6 +471,22 @@ class ControlService:
 
     async def ResumeRun(self, request, context):
         return await self._call(context, self.manager.resume, request.run_id)
+
+    async def DownloadRun(self, request, context):
+        """The run's config, then its latest committed model in CHUNK_BYTES parts, each file announced with its size
+        and sha256 (the blob is read on a control worker one chunk at a time: memory stays one chunk)."""
+        rnd, config, path = await self._call(context, self.manager.download, request.run_id)
+        loop = asyncio.get_running_loop()
+        data = config.encode()
+        yield pb.RunFile(name="config.toml", size=len(data), sha256=hashlib.sha256(data).hexdigest(), round=rnd)
+        yield pb.RunFile(chunk=data)
+        digest = path.name  # blobs are stored under their sha256 (server/blobs.py)
+        with self.stats.stream("download"), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            yield pb.RunFile(name="model.safetensors", size=size, sha256=digest, round=rnd)
+            while chunk := await loop.run_in_executor(self.pool, f.read, CHUNK_BYTES):
+                self.stats.inc("bytes_sent", len(chunk))
+                yield pb.RunFile(chunk=chunk)
 
     async def FollowRun(self, request, context):
         """Polls the manager every half second on a control worker (no thread waits between polls)."""

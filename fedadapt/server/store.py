@@ -633,9 +633,14 @@ class Store:
             return [LedgerEntry(e.client, e.epsilon, e.delta, e.round) for e in rows]
 
     def model_path(self, run_id: str) -> Path | None:
+        last = self.last_model(run_id)
+        return None if last is None else last[1]
+
+    def last_model(self, run_id: str) -> tuple[int, Path] | None:
+        """The last committed round of a run and the path of its global tensors (safetensors)."""
         with self._session() as s:
             row = self._last_round(s, run_id)
-            return None if row is None else self.blobs.path(row.state_blob)
+            return None if row is None else (row.round, self.blobs.path(row.state_blob))
 
     def _last_round(self, s: Session, run_id: str) -> _Round | None:
         run = self._run(s, run_id)

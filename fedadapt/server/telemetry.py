@@ -31,7 +31,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "uploads": ("uploads answered, by the status they were given", "status"),
     "refusals": ("uploads and calls refused, by code", "code"),
     "bytes_received": ("payload bytes received in uploads (whatever their fate)", ""),
-    "bytes_sent": ("payload bytes sent in tasks", ""),
+    "bytes_sent": ("payload bytes sent in tasks and run downloads", ""),
 }
 MAX_PENDING_ROWS = 1000  # distinct refusal rows held between two writes; beyond, they are folded by code
 LOG_PER_10S = 20  # refusal log lines per 10 seconds; the rest are summed up in one line
@@ -60,7 +60,7 @@ class Stats:
 
     @contextmanager
     def stream(self, kind: str):
-        """Counts an open stream of `kind` (pull, push, follow) while the block runs."""
+        """Counts an open stream of `kind` (pull, push, follow, download) while the block runs."""
         with self._lock:
             self._streams[kind] += 1
         try:
@@ -104,7 +104,7 @@ def serve_metrics(stats: Stats, port: int, address: str = "127.0.0.1"):
                         family.add_metric([lab], v)
                 yield family
             streams = GaugeMetricFamily("fedadapt_open_streams", "open gRPC streams, by kind", labels=["kind"])
-            for kind in ("pull", "push", "follow"):
+            for kind in ("pull", "push", "follow", "download"):
                 streams.add_metric([kind], snap["streams"].get(kind, 0))
             yield streams
             for name, value in snap["gauges"].items():
