@@ -134,6 +134,7 @@ def test_frl_is_refused_for_the_causal_lm_task_in_one_line(lms, chats, tmp_path,
     assert main(["simulate", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "strategy 'frl' cannot train the causal-lm task" in err[0]
+    assert "; use fedau, fedavg, fedex-lora, " in err[0] and "frl" not in err[0].split("; use ")[1]
 
 
 @pytest.mark.parametrize("privacy", ['dp = "client"\nepsilon = 8.0\nsecure_aggregation = true',

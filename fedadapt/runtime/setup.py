@@ -23,7 +23,7 @@ from fedadapt.models.loading import LoadedModel
 from fedadapt.privacy import compat
 from fedadapt.strategies import private
 from fedadapt.strategies.base import ClientRecipe, GlobalState, ModelSpec, RunSettings, ServerStrategy, Task
-from fedadapt.strategies.registry import build
+from fedadapt.strategies.registry import available, build, strategy_class
 from fedadapt.training import generate as generation
 from fedadapt.training.loop import evaluate
 
@@ -39,7 +39,9 @@ def check(cfg: RunConfig, where: str = "simulate") -> None:
     strategy, _ = build(cfg.strategy, settings(cfg))  # options are checked now, not when the run starts
     why = strategy.unsupported_tasks.get(cfg.model.task)
     if why:
-        raise ConfigError(f"strategy {strategy.name!r} cannot train the {cfg.model.task} task: {why}")
+        can = [n for n in available() if cfg.model.task not in strategy_class(n).unsupported_tasks]
+        raise ConfigError(f"strategy {strategy.name!r} cannot train the {cfg.model.task} task: {why}; use "
+                          f"{', '.join(can)}")
     compat.check(cfg, strategy.privacy_support())
     if where == "simulate":
         return

@@ -127,7 +127,7 @@ class FRL(StrategyBase):
                                  "privacy.dp = 'client'")  # DP-SGD on the scores; positions sum to the reputation
     unsupported_tasks = {"causal-lm": "FRL votes on rankings of supermask scores (an MLP's, or a classifier's masked "
                                       "LoRA factors and head), which a causal LM fine-tuned with LoRA does not "
-                                      "have: use fedavg, fedau, flora, fedsb, ferret or zo"}
+                                      "have"}
 
     def init_state(self, spec: ModelSpec) -> GlobalState:
         not_scores = [k for k in spec.initial if not k.endswith(".scores")]
