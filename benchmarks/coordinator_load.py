@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import REPO, RESULTS, CpuMeter, command_line, log, machine_facts, utc_now, write_json
+from harness import ECHO_RUN_TOML, REPO, RESULTS, CpuMeter, command_line, log, machine_facts, utc_now, write_json
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -54,31 +54,6 @@ sys.path.insert(0, str(REPO / "tests"))
 RESULTS_JSON = RESULTS / "coordinator_load.json"
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # each hostile stream its own TCP connection
 HERE = Path(__file__).resolve()
-RUN_TOML = """
-name = "load"
-seed = 0
-rounds = {rounds}
-clients_per_round = {clients}
-[model]
-source = "mlp"
-hidden = [64]
-[adapter]
-kind = "full"
-[data]
-dataset = "synthetic"
-partition = "iid"
-num_clients = {clients}
-num_examples = {examples}
-[train]
-lr = 0.05
-local_steps = 1
-batch_size = 8
-[eval]
-every = 100000
-max_examples = 8
-[coordinator]
-min_clients = {clients}
-"""
 
 
 # ------------------------------------------------------------------------------------------ hostile process
@@ -239,7 +214,7 @@ def run(clients: int, n_hostile: int, rounds: int, cycles: int, client_procs: in
             assert p.stdout.readline().strip() == "clients started"
         total = 100_000  # stopped when the phases are measured
         stub = pb_grpc.ControlStub(grpc.insecure_channel(target))
-        run_id = stub.SubmitRun(pb.SubmitRunRequest(config_toml=RUN_TOML.format(
+        run_id = stub.SubmitRun(pb.SubmitRunRequest(config_toml=ECHO_RUN_TOML.format(name="load",
             rounds=total, clients=clients, examples=clients * 8)), timeout=60).run_id
         store = Store(db, tmp / "blobs")
 

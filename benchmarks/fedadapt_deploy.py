@@ -33,36 +33,11 @@ import threading
 import time
 from pathlib import Path
 
-from harness import REPO, write_json
+from harness import ECHO_RUN_TOML, REPO, write_json
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-RUN_TOML = """
-name = "overhead"
-seed = 0
-rounds = {rounds}
-clients_per_round = {clients}
-[model]
-source = "mlp"
-hidden = [64]
-[adapter]
-kind = "full"
-[data]
-dataset = "synthetic"
-partition = "iid"
-num_clients = {clients}
-num_examples = {examples}
-[train]
-lr = 0.05
-local_steps = 1
-batch_size = 8
-[eval]
-every = 100000
-max_examples = 8
-[coordinator]
-min_clients = {clients}
-"""
 
 
 class EchoRecipe:
@@ -126,7 +101,8 @@ def overhead(clients: int, rounds: int, hosts: int) -> dict:
                                                *names[h::hosts]], env=d.env, stdout=subprocess.PIPE, text=True))
             for p in procs:
                 p.stdout.readline()
-            run_id = d.submit(RUN_TOML.format(rounds=rounds, clients=clients, examples=clients * 10))
+            run_id = d.submit(ECHO_RUN_TOML.format(name="overhead", rounds=rounds, clients=clients,
+                                                   examples=clients * 10))
             cpu = psutil.Process(coord.p.pid)
             d.wait_status(run_id, ("running",))
             coord.wait_for("round 2 committed", timeout=300)

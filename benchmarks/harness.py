@@ -29,6 +29,33 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"
 FEDADAPT_CLI = Path(sys.executable).parent / "fedadapt"  # the CLI of the venv running the benchmark
+# A run of a 2.4k-parameter MLP on synthetic data, every client every round: the coordinator benchmarks' workload
+# (their clients echo the global tensors back; evaluation effectively off)
+ECHO_RUN_TOML = """
+name = "{name}"
+seed = 0
+rounds = {rounds}
+clients_per_round = {clients}
+[model]
+source = "mlp"
+hidden = [64]
+[adapter]
+kind = "full"
+[data]
+dataset = "synthetic"
+partition = "iid"
+num_clients = {clients}
+num_examples = {examples}
+[train]
+lr = 0.05
+local_steps = 1
+batch_size = 8
+[eval]
+every = 100000
+max_examples = 8
+[coordinator]
+min_clients = {clients}
+"""
 
 
 def log(msg: str) -> None:
