@@ -3,6 +3,7 @@ federated model and a centralized one, on the same held-out conversations of the
 
     .venv/bin/python benchmarks/chat_tiny.py --seeds 0 1 2 [--set strategy.name=fedsb ...]
     .venv/bin/python benchmarks/chat_tiny.py --report benchmarks/results/chat_tiny.json
+    .venv/bin/python benchmarks/chat_tiny.py --strategies fedavg fedau ... --rounds 4   # every strategy by name
 
 - base: the pretrained demo LM, no fine-tuning.
 - local-only: every role fine-tunes its own LoRA on its own conversations, for as many local steps as it
@@ -96,6 +97,29 @@ def one_seed(seed: int, overrides: list[str], console: Console) -> dict:
     return out
 
 
+def by_strategy(names: list[str], rounds: int, seed: int, console: Console) -> list[dict]:
+    """`--set strategy.name=NAME` on the scenario as it ships (its other settings, each strategy's own
+    defaults), `rounds` rounds: the global model's held-out perplexity against the base's on the same subset."""
+    out = []
+    for name in names:
+        cfg = load_config(SCENARIO, [f"seed={seed}", f"strategy.name={name}", f"rounds={rounds}",
+                                     f"eval.every={rounds}", "eval.generate=0"])
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            s = simulate(cfg, Path(tmp) / "run", console=console)
+        out.append({"strategy": name, "rounds": rounds, "seconds": time.perf_counter() - start,
+                    "perplexity": s["perplexity"], "base_perplexity": s["base_perplexity"]})
+    return out
+
+
+def strategy_table(rows: list[dict]) -> str:
+    lines = ["| strategy | held-out perplexity | base | change | wall (s) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['perplexity']:.2f} | {r['base_perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / r['base_perplexity'] - 1):+.1f}% | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     rows = ["| model | held-out perplexity (median) | per seed | loss (median) |", "|---|---|---|---|"]
     for key, label in (("base", "base (pretrained, no fine-tuning)"), ("local_only", "local-only (each role alone)"),
@@ -113,14 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", type=Path, default=RESULTS / "chat_tiny.json")
     ap.add_argument("--report", type=Path, help="print the table of an earlier --json file and exit")
+    ap.add_argument("--strategies", nargs="+", help="instead: each strategy by name, --rounds rounds, --seeds[0]")
+    ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args(argv)
     if args.report:
         import json
 
-        print(table(json.loads(args.report.read_text())["results"]))
+        data = json.loads(args.report.read_text())
+        print(strategy_table(data["strategies"]) if "strategies" in data else table(data["results"]))
         return 0
     torch.set_num_threads(1)
     console = Console(stderr=True)
+    if args.strategies:
+        rows = by_strategy(args.strategies, args.rounds, args.seeds[0], console)
+        path = args.json if args.json != RESULTS / "chat_tiny.json" else RESULTS / "chat_tiny_strategies.json"
+        write_json(path, {"machine": machine_facts(), "threads": 1, "command": " ".join(sys.argv), "strategies": rows})
+        print(strategy_table(rows), flush=True)
+        return 0
     results = []
     for seed in args.seeds:
         results.append(one_seed(seed, args.overrides, console))
