@@ -8,20 +8,25 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedadapt.core.errors import FedadaptError
+import fedadapt
+from fedadapt.core.errors import ConfigError, FedadaptError
 
 EXIT_USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedadapt", description="Federated fine-tuning of adapters.")
+    parser.add_argument("--version", action="version", version=f"fedadapt {fedadapt.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a multi-client simulation on this machine")
     sim.add_argument("config", help="scenario TOML file (see simulations/)")
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set rounds=2 --set train.lr=0.05")
-    sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/)")
+    sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/); must be new or "
+                                              "empty unless --overwrite")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (its config, metrics, model, summary and plots)")
     sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     sim.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
                      help="where clients train and the server evaluates (overrides model.device)")
@@ -76,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedadapt: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the user gave that cannot be read or written: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fedadapt: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from fedadapt.core.config import load_config
 
     if args.command == "simulate":
+        if args.threads < 0:
+            raise ConfigError(f"--threads must be 0 (all cores) or a positive count, got {args.threads}")
+        if args.out is not None:
+            _fresh_run_dir(args.out, args.overwrite)
         cfg = load_config(args.config, args.overrides + ([f'model.device="{args.device}"'] if args.device else []))
         _quiet_libraries()
         import torch
@@ -135,3 +148,22 @@ def _quiet_libraries() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "model.safetensors", "summary.json", "curves.png", "generations.jsonl")
+
+
+def _fresh_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything loads, an --out that would mix two runs: a file, or a folder with something in it
+    (with --overwrite, a run's own files are removed first; any other folder is left alone)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "config.toml").is_file():
+        raise ConfigError(f"--out {out} is a folder with other files in it, not a run directory: give a new folder")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a run: give a new folder, or --overwrite to replace that run")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+

@@ -4,6 +4,7 @@ task) as a PNG."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from fedadapt.core.errors import FedadaptError
@@ -13,7 +14,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FedadaptError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines):  # a run stopped while writing its last round: the rounds before it stand
+                print(f"fedadapt: {path}: its last line is cut off; plotting the {len(rows)} rounds before it",
+                      file=sys.stderr)
+                break
+            raise FedadaptError(f"{path}: line {i} is not JSON ({exc.msg})") from None
     if not rows:
         raise FedadaptError(f"{path} has no rounds yet")
     return rows

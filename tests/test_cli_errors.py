@@ -1,0 +1,81 @@
+"""The CLI's answers to bad input before anything loads: one line on stderr, exit 2, nothing left behind; and an
+--out that would mix two runs is refused (or, with --overwrite, the old run's files go first)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fedadapt
+from fedadapt.cli import main
+
+TRIVIAL = "benchmarks/trivial.toml"
+
+
+def one_line_error(capsys, rc: int, needle: str) -> None:
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"fedadapt {fedadapt.__version__}"
+
+
+@pytest.mark.parametrize("case", ["negative threads", "out is a file", "out holds a run",
+                                  "out holds other files, even with --overwrite"])
+def test_bad_simulate_arguments_are_refused_before_loading_and_leave_nothing(tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args, needle = ["--threads", "-1"], "--threads must be 0 (all cores) or a positive count, got -1"
+    if case == "out is a file":
+        out.write_text("keep me")
+        args, needle = [], "is a file, not a folder"
+    elif case == "out holds a run":
+        out.mkdir()
+        (out / "config.toml").write_text("old run")
+        args, needle = [], "already holds a run: give a new folder, or --overwrite"
+    elif case.startswith("out holds other files"):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        args, needle = ["--overwrite"], "not a run directory"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    one_line_error(capsys, main(["simulate", TRIVIAL, "--out", str(out), *args]), needle)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
+    if out.is_file():
+        assert out.read_text() == "keep me"
+
+
+def test_overwrite_replaces_the_old_run_and_only_its_files(tmp_path):
+    out = tmp_path / "run"
+    assert main(["simulate", TRIVIAL, "--out", str(out), "--set", "rounds=2", "--threads", "1"]) == 0
+    (out / "curves.png").write_bytes(b"old plot")
+    (out / "my-notes.txt").write_text("mine")
+    assert main(["simulate", TRIVIAL, "--out", str(out), "--set", "rounds=1", "--threads", "1", "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (out / "curves.png").exists() and (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_report_plots_the_rounds_before_a_cut_last_line_and_names_a_bad_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [json.dumps({"round": r, "loss": 1.0 / r, "accuracy": 0.5, "train_loss": 1.0}) for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + '\n{"round": 3, "lo')
+    assert main(["report", str(run)]) == 0
+    assert "last line is cut off; plotting the 2 rounds before it" in capsys.readouterr().err
+    assert (run / "curves.png").is_file()
+    (run / "metrics.jsonl").write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
+    one_line_error(capsys, main(["report", str(run)]), "metrics.jsonl: line 2 is not JSON")
+
+
+def test_an_os_error_on_a_users_path_is_one_line(tmp_path, capsys, monkeypatch):
+    from fedadapt.simulation import report
+
+    def unreadable(run_dir):
+        raise PermissionError(13, "Permission denied", str(run_dir / "metrics.jsonl"))
+
+    monkeypatch.setattr(report, "read_metrics", unreadable)
+    one_line_error(capsys, main(["report", str(tmp_path)]), f"Permission denied: {tmp_path / 'metrics.jsonl'}")
