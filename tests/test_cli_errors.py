@@ -79,3 +79,25 @@ def test_an_os_error_on_a_users_path_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(report, "read_metrics", unreadable)
     one_line_error(capsys, main(["report", str(tmp_path)]), f"Permission denied: {tmp_path / 'metrics.jsonl'}")
+
+
+def test_a_port_in_use_is_one_line_before_the_database_exists(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = main(["server", "start", "--insecure", "--database", f"sqlite:///{tmp_path / 'fedadapt.db'}",
+                   "--address", f"127.0.0.1:{port}"])
+    one_line_error(capsys, rc, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert list(tmp_path.iterdir()) == []  # no database, no blob dir
+
+
+def test_a_failed_registration_writes_no_credentials(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'fedadapt.db'}"
+    assert main(["clients", "add", "bob", "--database", db, "--out", str(tmp_path / "bob")]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, main(["clients", "add", "bob", "--database", db, "--out", str(tmp_path / "bob2")]),
+                   "client 'bob' is already registered")
+    assert not (tmp_path / "bob2").exists() and (tmp_path / "bob" / "token").is_file()

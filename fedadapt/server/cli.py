@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -134,6 +135,7 @@ def _server_start(args) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     if args.straggler_factor < 0 or args.straggler_min_s < 0 or args.upload_idle_s <= 0:
         raise ConfigError("--straggler-factor and --straggler-min-s must be >= 0, --upload-idle-s > 0")
+    _port_free(args.address)  # before the database and its blob dir are created
     reuse_freed_memory()
     store = _open_store(args.database, args.data_dir)
     credentials, admin = None, None
@@ -182,6 +184,31 @@ def _server_start(args) -> int:
     return 0
 
 
+def _port_free(address: str) -> None:
+    """One line, before anything is written, when `address` cannot be listened on (gRPC would only say so after
+    the store exists, in a C-core log line). Port 0 (any free port) is always fine."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not HOST:PORT")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--address {address!r}: {exc.strerror}") from None
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # as gRPC binds: a restart finds the old connections in TIME_WAIT, which must not count as "in use"
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror} (another coordinator running?)") from None
+
+
 def log_revoked(name: str, why: str) -> None:
     logging.getLogger("fedadapt.server").warning("client %s %s: its session is closed", name, why)
 
@@ -227,15 +254,23 @@ def _clients(args) -> int:
     store = _open_store(args.database, None, registry_only=True)
     try:
         if args.action == "add":
+            target = args.tls_dir / "clients" / args.name if args.tls_dir is not None else (
+                args.out or Path("credentials") / args.name)
+            fresh = not target.exists()  # written by this command: removed again if the registration fails
             if args.tls_dir is not None:
                 cred_dir = certs.issue_credentials(args.tls_dir, args.name)
             else:
-                cred_dir = certs.token_credentials(args.out or Path("credentials") / args.name, args.name)
+                cred_dir = certs.token_credentials(target, args.name)
             token = (cred_dir / "token").read_text().strip()
             if _registered_with(store, args.name, token):
                 print(f"{args.name!r} is already registered with these credentials ({cred_dir})")
                 return 0
-            store.add_client(args.name, token)
+            try:
+                store.add_client(args.name, token)
+            except BaseException:
+                if fresh:
+                    shutil.rmtree(cred_dir, ignore_errors=True)
+                raise
             print(f"registered {args.name!r}; copy {cred_dir}/ to that machine and start it with "
                   f"`fedadapt client start --credentials DIR ...`")
         elif args.action == "revoke":
