@@ -101,3 +101,17 @@ def test_a_failed_registration_writes_no_credentials(tmp_path, capsys):
     one_line_error(capsys, main(["clients", "add", "bob", "--database", db, "--out", str(tmp_path / "bob2")]),
                    "client 'bob' is already registered")
     assert not (tmp_path / "bob2").exists() and (tmp_path / "bob" / "token").is_file()
+
+
+@pytest.mark.parametrize("action", ["submit", "list", "get", "stop", "resume", "download"])
+def test_every_run_action_that_prints_a_result_takes_format_json(tmp_path, capsys, action):
+    """Accepted by the parser (exit 3: nothing listens on the port), not refused as an unknown argument (2)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = {"submit": [TRIVIAL], "list": [], "download": ["run-x", "--out", str(tmp_path / "d")]}.get(action, ["run-x"])
+    rc = main(["run", action, *args, "--format", "json", "--insecure", "--coordinator", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "is not reachable" in err, err

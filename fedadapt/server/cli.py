@@ -97,7 +97,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--credentials", type=Path, default=os.environ.get("FEDADAPT_CREDENTIALS"),
                        help="admin credentials dir (certs init makes DIR/admin)")
         p.add_argument("--insecure", action="store_true", help="plain-text connection (a coordinator started --insecure)")
-        if name in ("list", "get", "submit"):
+        if name != "follow":  # every action that prints a result can print it as JSON
             p.add_argument("--format", choices=("table", "json"), default="table")
 
 
@@ -327,16 +327,16 @@ def _run(args) -> int:
             if args.action == "follow":
                 return _follow(stub, md, args.run_id)
             if args.action == "download":
-                return _download(stub, md, args.run_id, args.out)
+                return _download(stub, md, args.run_id, args.out, args.format)
             call = {"get": stub.GetRun, "stop": stub.StopRun, "resume": stub.ResumeRun}[args.action]
             info = call(pb.RunRef(run_id=args.run_id), metadata=md, timeout=30)
-            _print_runs([info], getattr(args, "format", "table"), single=True)
+            _print_runs([info], args.format, single=True)
             return 0
     except grpc.RpcError as exc:
         raise _rpc_error(exc, args.coordinator) from None
 
 
-def _download(stub, md, run_id: str, out: Path) -> int:
+def _download(stub, md, run_id: str, out: Path, fmt: str = "table") -> int:
     """Write the run's files as they stream, each checked against its announced size and sha256, into a staging
     folder renamed to `out` only once all of them are whole."""
     import hashlib
@@ -383,8 +383,11 @@ def _download(stub, md, run_id: str, out: Path) -> int:
         if current and not current[3].closed:
             current[3].close()
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"run {run_id}, round {rnd}: config.toml and model.safetensors written to {out}; next: "
-          f"fedadapt export {out} --format peft --out ADAPTER_DIR")
+    if fmt == "json":
+        print(json.dumps({"run_id": run_id, "round": rnd, "run_dir": str(out), "files": files}))
+    else:
+        print(f"run {run_id}, round {rnd}: config.toml and model.safetensors written to {out}; next: "
+              f"fedadapt export {out} --format peft --out ADAPTER_DIR")
     return 0
 
 
