@@ -146,10 +146,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 RUN_FILES = ("config.toml", "metrics.jsonl", "model.safetensors", "summary.json", "curves.png", "generations.jsonl")
 
 
@@ -167,3 +163,6 @@ def _fresh_run_dir(out: Path, overwrite: bool) -> None:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
 
+
+if __name__ == "__main__":
+    sys.exit(main())
