@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
+from lowrank_fixtures import M1, M2, D, lora_spec, server, t
 from own_models import OwnModels  # tests/own_models.py
 from safetensors.torch import load_file
 
@@ -19,33 +20,19 @@ from fedadapt.models.lora_layers import lora_layers
 from fedadapt.runtime import setup
 from fedadapt.runtime.engine import RoundEngine
 from fedadapt.server.store import Store
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState
 from fedadapt.strategies.ffa import A_HASH, a_hash
 from fedadapt.strategies.lowrank import exported_factors
-from fedadapt.strategies.registry import build
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-D = torch.float64
-M1, M2 = "enc.l0.q", "enc.l1.v"
-
-
-def t(x):
-    return torch.tensor(x, dtype=D)
 
 
 def strategy(per_round=3, **opts):
-    server, _ = build({"name": "ffa-lora", **opts}, RunSettings(seed=0, rounds=5, clients_per_round=per_round,
-                                                                train={"lr": 0.1}))
-    return server
+    return server("ffa-lora", per_round, **opts)
 
 
 def spec(m=5, n=4, r=2, a=None):
-    g = torch.Generator().manual_seed(0)
-    out = {"head.weight": torch.randn(2, m, generator=g, dtype=D), "head.bias": torch.zeros(2, dtype=D)}
-    for mod in (M1, M2):
-        out[f"{mod}.lora_A.default.weight"] = torch.randn(r, n, generator=g, dtype=D) if a is None else a.clone()
-        out[f"{mod}.lora_B.default.weight"] = torch.zeros(m, r, dtype=D)
-    return ModelSpec(out)
+    return lora_spec(m, n, r, a=a)
 
 
 def test_hand_example_mean_of_b_is_exactly_the_mean_update():

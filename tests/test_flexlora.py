@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
+from lowrank_fixtures import M1, M2, D, lora_spec, server, t
 from safetensors.torch import load_file
 
 from fedadapt.core import codec
@@ -17,33 +18,19 @@ from fedadapt.core.config import load_config
 from fedadapt.core.errors import ConfigError
 from fedadapt.runtime import setup
 from fedadapt.server.store import Store
-from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState, ModelSpec, RunSettings
+from fedadapt.strategies.base import ClientInfo, ClientResult, GlobalState
 from fedadapt.strategies.flexlora import global_update, product_svd
 from fedadapt.strategies.lowrank import exported_factors
-from fedadapt.strategies.registry import build
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-D = torch.float64
-M1, M2 = "enc.l0.q", "enc.l1.v"
-
-
-def t(x):
-    return torch.tensor(x, dtype=D)
 
 
 def strategy(per_round=3, **opts):
-    server, _ = build({"name": "flexlora", **opts}, RunSettings(seed=0, rounds=5, clients_per_round=per_round,
-                                                                train={"lr": 0.1}))
-    return server
+    return server("flexlora", per_round, **opts)
 
 
 def spec(m=6, n=5, r=2, mods=(M1, M2)):
-    g = torch.Generator().manual_seed(0)
-    out = {"head.weight": torch.randn(2, m, generator=g, dtype=D), "head.bias": torch.zeros(2, dtype=D)}
-    for mod in mods:
-        out[f"{mod}.lora_A.default.weight"] = torch.randn(r, n, generator=g, dtype=D)
-        out[f"{mod}.lora_B.default.weight"] = torch.zeros(m, r, dtype=D)
-    return ModelSpec(out)
+    return lora_spec(m, n, r, mods)
 
 
 def uploads(ranks, m, n, seed=0, mods=(M1, M2)):
