@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a multi-client simulation on this machine")
-    sim.add_argument("config", help="scenario TOML file (see simulations/)")
+    sim.add_argument("config", help="scenario TOML file, or a bundled scenario by name (quickstart, chat-tiny, "
+                                    "...; see simulations/)")
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set rounds=2 --set train.lr=0.05")
     sim.add_argument("--out", type=Path, help="run directory (default: a fresh folder under runs/); must be new or "

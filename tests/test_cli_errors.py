@@ -115,3 +115,15 @@ def test_every_run_action_that_prints_a_result_takes_format_json(tmp_path, capsy
     rc = main(["run", action, *args, "--format", "json", "--insecure", "--coordinator", f"127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert rc == 3 and "is not reachable" in err, err
+
+
+def test_bundled_scenarios_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    from fedadapt.core.config import SCENARIOS, load_config, scenario_path
+
+    monkeypatch.chdir(tmp_path)  # an empty directory: no simulations/ here
+    assert scenario_path("quickstart") == SCENARIOS / "quickstart.toml" == scenario_path("quickstart.toml")
+    assert load_config("chat-tiny", ["rounds=1"]).rounds == 1
+    (tmp_path / "quickstart.toml").write_text('name = "mine"\n')  # a file of that name here wins
+    assert load_config("quickstart.toml").name == "mine"
+    one_line_error(capsys, main(["simulate", "nosuch"]), "config file 'nosuch' does not exist (bundled scenarios: ")
+    one_line_error(capsys, main(["simulate", str(tmp_path)]), "is a folder; give a scenario .toml file")

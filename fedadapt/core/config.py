@@ -209,14 +209,30 @@ class RunConfig(Section):
         return dataclasses.asdict(self)
 
 
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulations"  # the bundled scenarios, in a checkout
+
+
+def scenario_path(path: str | Path) -> Path:
+    """A scenario file: `path` itself, or a bundled scenario by name (`quickstart`, `chat-tiny.toml`), so that
+    `fedadapt simulate quickstart` works from any directory. One line when it is neither."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = SCENARIOS / (p.name if p.suffix == ".toml" else p.name + ".toml")
+    if len(p.parts) == 1 and bundled.is_file():
+        return bundled
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give a scenario .toml file")
+    names = ", ".join(sorted(f.stem for f in SCENARIOS.glob("*.toml")))
+    raise ConfigError(f"config file {str(p)!r} does not exist" + (f" (bundled scenarios: {names})" if names else ""))
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML file (or start from defaults if None), apply `key=value` overrides, validate."""
+    """Read a TOML file or bundled scenario (or start from defaults if None), apply `key=value` overrides,
+    validate."""
     text = ""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        text = p.read_text()
+        text = scenario_path(path).read_text()
     return load_config_text(text, overrides, source=str(path))
 
 

@@ -312,10 +312,10 @@ def _run(args) -> int:
     try:
         with channel:
             if args.action == "submit":
-                from fedadapt.core.config import load_config
+                from fedadapt.core.config import load_config, scenario_path
 
                 load_config(args.config, args.overrides)  # fail here, with the file name, before sending
-                text = args.config.read_text()
+                text = scenario_path(args.config).read_text()
                 if args.overrides:
                     text = _with_overrides(text, args.overrides)
                 info = stub.SubmitRun(pb.SubmitRunRequest(config_toml=text), metadata=md, timeout=60)
