@@ -14,7 +14,8 @@ from fedadapt.core.errors import ConfigError, FedadaptError
 EXIT_USER_ERROR = 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its arguments (the server's and the client daemon's included)."""
     parser = argparse.ArgumentParser(prog="fedadapt", description="Federated fine-tuning of adapters.")
     parser.add_argument("--version", action="version", version=f"fedadapt {fedadapt.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     server_cli.add_parsers(sub)
     client_cli.add_parsers(sub)
 
-    args = parser.parse_args(argv)
+    _add_examples(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedadapt.client import cli as client_cli
+    from fedadapt.server import cli as server_cli
+
+    args = build_parser().parse_args(argv)
     try:
         if args.command in ("server", "certs", "clients", "run"):
             _quiet_libraries()
@@ -145,6 +154,39 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft calls a transformers API that transformers itself marks deprecated: not the user's concern
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+EXAMPLES = {  # one per command, shown at the end of its --help
+    "simulate": "fedadapt simulate quickstart --set rounds=5 --set train.lr=0.1 --out runs/try",
+    "data fetch": "fedadapt data fetch",
+    "data info": "fedadapt data info quickstart --set data.partition=dirichlet --set data.num_clients=50",
+    "report": "fedadapt report runs/try",
+    "server start": "fedadapt server start --tls-dir certs --database fedadapt.db",
+    "certs init": "fedadapt certs init certs --hosts coord.example.org,127.0.0.1",
+    "clients add": "fedadapt clients add alice --database fedadapt.db --tls-dir certs",
+    "clients list": "fedadapt clients list --database fedadapt.db --format json",
+    "clients revoke": "fedadapt clients revoke alice --database fedadapt.db",
+    "run submit": "fedadapt run submit simulations/grpc-demo.toml --follow --credentials certs/admin",
+    "run list": "fedadapt run list --format json --credentials certs/admin",
+    "run get": "fedadapt run get RUN_ID --credentials certs/admin",
+    "run follow": "fedadapt run follow RUN_ID --credentials certs/admin",
+    "run stop": "fedadapt run stop RUN_ID --credentials certs/admin",
+    "run resume": "fedadapt run resume RUN_ID --credentials certs/admin",
+    "run download": "fedadapt run download RUN_ID --out runs/mine --credentials certs/admin",
+    "client start": "fedadapt client start --coordinator coord.example.org:7070 --credentials alice/ --data "
+                    "alice.jsonl",
+}
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Every command's --help ends with an example (from EXAMPLES, unless the command wrote its own)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                key = " ".join((*path, name))
+                if not sub.epilog and key in EXAMPLES:
+                    sub.epilog = f"example: {EXAMPLES[key]}"
+                _add_examples(sub, (*path, name))
 
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "model.safetensors", "summary.json", "curves.png", "generations.jsonl")

@@ -127,3 +127,28 @@ def test_bundled_scenarios_by_name_from_any_directory(tmp_path, monkeypatch, cap
     assert load_config("quickstart.toml").name == "mine"
     one_line_error(capsys, main(["simulate", "nosuch"]), "config file 'nosuch' does not exist (bundled scenarios: ")
     one_line_error(capsys, main(["simulate", str(tmp_path)]), "is a folder; give a scenario .toml file")
+
+
+def test_every_command_has_an_example_that_its_own_parser_accepts():
+    import argparse
+    import shlex
+
+    from fedadapt.cli import build_parser
+
+    parser = build_parser()
+
+    def leaves(p, path=()):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, p
+        for s in subs:
+            for name, sub in s.choices.items():
+                yield from leaves(sub, (*path, name))
+
+    commands = list(leaves(parser))
+    assert len(commands) >= 18
+    for path, sub in commands:
+        assert sub.epilog and sub.epilog.startswith("example: fedadapt "), path
+        argv = shlex.split(sub.epilog.removeprefix("example: fedadapt "))
+        assert argv[: len(path)] == list(path), (path, argv)
+        parser.parse_args(argv)  # every option it shows exists (argparse exits 2 otherwise)
