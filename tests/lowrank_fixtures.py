@@ -3,8 +3,12 @@ two modules (what a model spec holds: `<module>.lora_A/B.default.weight` and a h
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from deploy import tiny_text_file  # tests/deploy.py
+
+from fedadapt.core.config import RunConfig, load_config
 from fedadapt.strategies.base import ModelSpec, RunSettings
 from fedadapt.strategies.registry import build
 
@@ -30,3 +34,12 @@ def lora_spec(m: int, n: int, r: int, mods=(M1, M2), a: torch.Tensor | None = No
         out[f"{mod}.lora_A.default.weight"] = torch.randn(r, n, generator=g, dtype=D) if a is None else a.clone()
         out[f"{mod}.lora_B.default.weight"] = torch.zeros(m, r, dtype=D)
     return ModelSpec(out)
+
+
+def tiny_cfg(tmp_path: Path, rounds: int = 6, per_round: int = 1, extra=()) -> RunConfig:
+    """A tiny-llama LoRA run (rank 4) on a three-group text file, for the strategies' real-model tests."""
+    data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
+    return load_config(None, ["model.source=\"tiny-llama\"", "model.max_length=16", "adapter.rank=4",
+                              "adapter.alpha=8.0", "adapter.target_modules=[]", f"data.dataset=\"{data}\"",
+                              "data.group_field=\"who\"", f"rounds={rounds}", f"clients_per_round={per_round}",
+                              "train.batch_size=4", "train.local_steps=2", "seed=3", *extra])

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
-from lowrank_fixtures import M1, M2, D, lora_spec, server, t
+from lowrank_fixtures import M1, M2, D, lora_spec, server, t, tiny_cfg
 from own_models import OwnModels  # tests/own_models.py
 from safetensors.torch import load_file
 
@@ -218,12 +217,6 @@ def test_state_survives_a_commit_and_a_fresh_strategy_resumes_identically(tmp_pa
 
 
 # ----------------------------------------------------------------------------------- with a real model
-def tiny_cfg(tmp_path: Path, rounds=6, per_round=1, extra=()):
-    data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
-    return load_config(None, ["model.source=\"tiny-llama\"", "model.max_length=16", "adapter.rank=4",
-                              "adapter.alpha=8.0", "adapter.target_modules=[]", f"data.dataset=\"{data}\"",
-                              "data.group_field=\"who\"", f"rounds={rounds}", f"clients_per_round={per_round}",
-                              "train.batch_size=4", "train.local_steps=2", "seed=3", *extra])
 
 
 def test_late_clients_catch_up_and_every_client_model_averages_to_the_global_one(tmp_path):

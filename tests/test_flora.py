@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from deploy import coordinator_equals_simulation, lora_run_toml, tiny_text_file
+from lowrank_fixtures import tiny_cfg
 from own_models import OwnModels  # tests/own_models.py
 
 from fedadapt.core import codec
@@ -202,12 +203,6 @@ def test_unknown_options_are_refused_by_name():
 
 
 # ----------------------------------------------------------------------------------- with a real model
-def tiny_cfg(tmp_path: Path, rounds=6, per_round=1, extra=()):
-    data = tiny_text_file(tmp_path / "lines.jsonl", n_groups=3)
-    return load_config(None, ["model.source=\"tiny-llama\"", "model.max_length=16", "adapter.rank=4",
-                              "adapter.alpha=8.0", "adapter.target_modules=[]", f"data.dataset=\"{data}\"",
-                              "data.group_field=\"who\"", f"rounds={rounds}", f"clients_per_round={per_round}",
-                              "train.batch_size=4", "train.local_steps=2", "seed=3", *extra])
 
 
 def test_late_clients_catch_up_to_base_weights_hash_equal_to_the_servers(tmp_path):

@@ -7,6 +7,7 @@ fp64 tensors and keep their whole state in GlobalState (committed atomically wit
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import re
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def exported_factors(tensors: Tensors, model: torch.nn.Module | None, scaling: f
     return Exported(factors, delta, params)
 
 
-class HeldBase:
+class HeldBase(abc.ABC):
     """A client's copy of a base weight the server changes every round (FLoRA's merged delta, FedEx-LoRA's folded
     residuals): D^v per adapted module, brought up to the task's round from the task itself (D whole, or the missed
     rounds' low-rank history folded in order) and checked against the server's hash. The live weights are
@@ -190,8 +191,9 @@ class HeldBase:
                       for m, w in self.weights.items()}
         self.version = 0
 
+    @abc.abstractmethod
     def fold(self, d: torch.Tensor, tensors: Tensors, rnd: int, module: str) -> torch.Tensor:
-        raise NotImplementedError
+        """`d` with round `rnd`'s history of `module` (from the task's `tensors`) folded in."""
 
     def sync(self, task: Task) -> dict[str, float]:
         t, cfg = task.tensors, task.config
